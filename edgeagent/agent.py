@@ -1,0 +1,214 @@
+"""Wires the components, supervises them and stops them in reverse order within a deadline.
+
+Lifecycle of a component (an async context manager with a `run()`):
+  enter (open files, load model) -> run() supervised: a crash is logged with its traceback and
+  run() is restarted with exponential backoff; more than `crash_loop_restarts` crashes within
+  `crash_loop_window_s` is a crash loop, reported as a critical event and in health.json (and
+  still retried, at the maximum backoff) -> on stop: cancel run() in reverse order, then exit
+  (flush) in reverse order, all within `agent.shutdown_timeout_s`.
+Signals only set an Event; tests inject the trigger instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Protocol
+
+from edgeagent import __version__
+from edgeagent.config import Config
+from edgeagent.health import HealthWriter
+from edgeagent.hub import Hub
+from edgeagent.sdnotify import Notifier
+
+log = logging.getLogger(__name__)
+
+
+class Component(Protocol):
+    name: str
+
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool | None: ...
+
+    async def run(self) -> None:
+        """The component's long-lived work; returning normally means it has nothing more to do."""
+
+
+@dataclass
+class ComponentState:
+    name: str
+    state: str = "starting"  # starting | running | restarting | failed | stopped | done
+    restarts: int = 0
+    last_error: str | None = None
+    crash_times: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+    crash_loop: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "restarts": self.restarts, "last_error": self.last_error,
+                "crash_loop": self.crash_loop}
+
+
+ComponentFactory = Callable[[Hub], Sequence[Component]]
+
+
+def default_components(hub: Hub) -> list[Component]:
+    """The production set, in start order (stopped in reverse)."""
+    from edgeagent.monitor import MonitorComponent
+
+    components: list[Component] = [MonitorComponent(hub)]
+    return components
+
+
+class Agent:
+    def __init__(self, config: Config, components: ComponentFactory = default_components,
+                 notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.hub = Hub(config)
+        self._factory = components
+        self.notifier = notifier or Notifier()
+        self.stop_event = asyncio.Event()
+        self.states: dict[str, ComponentState] = {}
+        self.state = "starting"
+        self.started_at = time.time()
+        self.health = HealthWriter(self)
+
+    def request_stop(self, reason: str = "requested") -> None:
+        if not self.stop_event.is_set():
+            log.info("stopping", extra={"kv": {"reason": reason}})
+            self.stop_event.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
+
+    async def run(self) -> int:
+        """Run until stop is requested; returns the process exit code."""
+        cfg = self.config
+        os.makedirs(cfg.state_dir, exist_ok=True)
+        components = list(self._factory(self.hub))
+        deadline_s = cfg.agent.shutdown_timeout_s
+        stack = contextlib.AsyncExitStack()
+        tasks: list[asyncio.Task[None]] = []
+        aux: list[asyncio.Task[None]] = []
+        exit_code = 0
+        try:
+            for c in components:
+                self.states[c.name] = ComponentState(c.name)
+                await stack.enter_async_context(c)
+            for c in components:
+                tasks.append(asyncio.create_task(self._supervise(c), name=f"supervise:{c.name}"))
+            aux.append(asyncio.create_task(self.notifier.watchdog_loop(), name="sd-watchdog"))
+            aux.append(asyncio.create_task(self.health.loop(), name="health"))
+            self.state = "running"
+            self.notifier.ready(f"running: device {cfg.device.id}, {len(components)} components")
+            log.info("agent running", extra={"kv": {"device": cfg.device.id, "version": __version__,
+                                                    "components": ",".join(c.name for c in components)}})
+            await self.stop_event.wait()
+        finally:
+            self.state = "stopping"
+            self.notifier.stopping("stopping")
+            t0 = time.monotonic()
+
+            def remaining() -> float:
+                return max(0.05, deadline_s - (time.monotonic() - t0))
+
+            # 1. stop inputs first: cancel supervised loops in reverse start order
+            for task in reversed(tasks):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
+                    await asyncio.wait_for(asyncio.shield(task), remaining())
+            # 2. flush and close in reverse order (AsyncExitStack unwinds in reverse)
+            close = asyncio.create_task(stack.aclose(), name="close-components")
+            try:
+                await asyncio.wait_for(asyncio.shield(close), remaining())
+            except asyncio.TimeoutError:
+                log.error("components did not stop within shutdown_timeout_s; cancelling",
+                          extra={"kv": {"shutdown_timeout_s": deadline_s}})
+                close.cancel()
+                with contextlib.suppress(BaseException):
+                    await close
+                exit_code = 1
+            except Exception:
+                log.exception("error while stopping components")
+                exit_code = 1
+            for state in self.states.values():
+                if state.state not in ("failed",):
+                    state.state = "stopped"
+            for task in aux:
+                task.cancel()
+            for task in aux:
+                with contextlib.suppress(BaseException):
+                    await task
+            self.state = "stopped"
+            self.health.write_now()
+            self.notifier.close()
+            log.info("agent stopped", extra={"kv": {"stop_s": round(time.monotonic() - t0, 3)}})
+        return exit_code
+
+    async def _supervise(self, c: Component) -> None:
+        st = self.states[c.name]
+        cfg = self.config.agent
+        attempt = 0
+        while True:
+            st.state = "running"
+            started = time.monotonic()
+            try:
+                await c.run()
+                st.state = "done"
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                now = time.monotonic()
+                if now - started > cfg.crash_loop_window_s:
+                    attempt = 0  # it ran fine for a while: start the backoff over
+                attempt += 1
+                st.restarts += 1
+                st.last_error = f"{type(exc).__name__}: {exc}"
+                st.crash_times.append(now)
+                recent = sum(1 for t in st.crash_times if now - t <= cfg.crash_loop_window_s)
+                delay = min(cfg.restart_max_s, cfg.restart_initial_s * 2 ** (attempt - 1))
+                delay *= random.uniform(0.8, 1.2)
+                log.error("component %s crashed; restarting in %.1fs", c.name, delay, exc_info=True,
+                          extra={"kv": {"component": c.name, "restarts": st.restarts}})
+                for listener in list(self.hub.crash_listeners):
+                    try:
+                        listener(c.name, st.last_error)
+                    except Exception:
+                        log.exception("crash listener failed")
+                if recent > cfg.crash_loop_restarts:
+                    if not st.crash_loop:
+                        st.crash_loop = True
+                        self.hub.emit_event("error", "critical", f"component {c.name} is in a crash loop",
+                                            {"component": c.name, "crashes": recent,
+                                             "window_s": cfg.crash_loop_window_s, "error": st.last_error})
+                    delay = cfg.restart_max_s
+                    st.state = "failed"
+                else:
+                    self.hub.emit_event("error", "warning", f"component {c.name} crashed and restarts",
+                                        {"component": c.name, "error": st.last_error,
+                                         "restarts": st.restarts})
+                    st.state = "restarting"
+                await asyncio.sleep(delay)
+                if st.crash_loop and recent <= cfg.crash_loop_restarts:
+                    st.crash_loop = False
+
+
+async def run_agent(config: Config, components: ComponentFactory = default_components,
+                    install_signals: bool = True) -> int:
+    agent = Agent(config, components)
+    if install_signals:
+        agent.install_signal_handlers()
+    return await agent.run()

@@ -1,0 +1,92 @@
+"""`edgeagent <command>`: the agent itself and the operator tools around it.
+
+Each capability registers its own subcommands through an `add_parsers(sub)` function, imported
+lazily so that `edgeagent run` does not pay for the fleet or push tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from edgeagent import __version__
+from edgeagent.errors import ConfigError
+
+# modules with `add_parsers(sub: argparse._SubParsersAction) -> None`
+PLUGINS: tuple[str, ...] = ("edgeagent.monitor",)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from edgeagent import config as cfgmod
+
+    try:
+        cfg = cfgmod.load(args.file)
+    except ConfigError as exc:
+        print(f"{exc.source or args.file}: {len(exc.errors)} error(s)", file=sys.stderr)
+        for e in exc.errors:
+            print(f"  {e}", file=sys.stderr)
+        return 2
+    print(f"{args.file}: OK")
+    print(cfgmod.summary(cfg))
+    return 0
+
+
+def load_run_config(path: Path) -> object:
+    """The effective config for `run`: the file plus the applied remote layer, if any."""
+    from edgeagent import config as cfgmod
+
+    return cfgmod.load(path)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from edgeagent import logs
+    from edgeagent.agent import run_agent
+    from edgeagent.config import Config
+
+    try:
+        cfg = load_run_config(args.config)
+    except ConfigError as exc:
+        print(f"{exc.source or args.config}: {len(exc.errors)} error(s)", file=sys.stderr)
+        for e in exc.errors:
+            print(f"  {e}", file=sys.stderr)
+        return 2
+    assert isinstance(cfg, Config)
+    logs.setup(args.log_level or cfg.logging.level, cfg.logging.format)
+    return asyncio.run(run_agent(cfg))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeagent", description=__doc__)
+    p.add_argument("--version", action="version", version=f"edgeagent {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="run the agent (as the systemd service does)")
+    run.add_argument("--config", "-c", type=Path, required=True, help="TOML config file")
+    run.add_argument("--log-level", help="override logging.level")
+    run.set_defaults(func=_cmd_run)
+
+    chk = sub.add_parser("check-config", help="validate a config file: exit 0 and a summary, or 2 "
+                                              "and every error with its key path")
+    chk.add_argument("file", type=Path)
+    chk.set_defaults(func=_cmd_check_config)
+
+    for name in PLUGINS:
+        importlib.import_module(name).add_parsers(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
