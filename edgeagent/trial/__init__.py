@@ -1,0 +1,1 @@
+"""Field trial harness: fault proxy, fault schedule, fleet of real agent processes."""
