@@ -1,0 +1,1 @@
+"""Inference: runtime seam (tflite-runtime | ai-edge-litert), preprocessing, runner, model store."""
