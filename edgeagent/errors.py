@@ -173,3 +173,30 @@ class RemoteConfigRejected(EdgeAgentError):
         self.reason = reason
         self.version = version
         super().__init__(reason)
+
+
+class InstallerCommandError(EdgeAgentError):
+    """An installer preset, op or per-op override cannot make a command line."""
+
+    def __init__(self, message: str, *, preset: str | None = None, op: str | None = None) -> None:
+        self.preset = preset
+        self.op = op
+        super().__init__(message)
+
+
+class InstallerConfigError(EdgeAgentError):
+    """installer.toml is missing, unsafe (writable by others) or invalid; `path` names it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class RequestRejected(EdgeAgentError):
+    """A privileged-step request is malformed or names an artifact outside what the agent may name."""
+
+    def __init__(self, reason: str, request_id: str | None = None) -> None:
+        self.reason = reason
+        self.request_id = request_id
+        super().__init__(reason)
