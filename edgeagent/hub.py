@@ -144,6 +144,9 @@ class Hub:
         self.model_installer: ModelInstaller | None = None  # set by the inference component
         # called as listener(component_name, error_text) when a supervised component crashes
         self.crash_listeners: list[Callable[[str, str], None]] = []
+        # asks for a new process (e.g. to finish a config rollback of restart-only keys); the agent
+        # stops cleanly and exits with RESTART_EXIT_CODE, which systemd's Restart=on-failure restarts
+        self.request_restart: Callable[[str], None] | None = None
         self._metric_listeners: list[Callable[[dict[str, Any]], None]] = []
 
     # -- metrics

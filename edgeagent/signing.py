@@ -99,7 +99,11 @@ def verify(message: dict[str, Any], trusted: Mapping[str, Ed25519PublicKey]) -> 
     except (binascii.Error, ValueError) as exc:
         raise SignatureInvalid(f"sig.value: not base64 ({exc})", key_id) from exc
     try:
-        trusted[key_id].verify(raw, canonical(message))
+        body = canonical(message)
+    except (UnicodeEncodeError, TypeError, ValueError) as exc:  # lone surrogates, non-JSON values
+        raise SignatureInvalid(f"message cannot be canonicalised: {exc}", key_id) from exc
+    try:
+        trusted[key_id].verify(raw, body)
     except InvalidSignature as exc:
         raise SignatureInvalid(f"bad signature for key id {key_id!r}", key_id) from exc
     return key_id

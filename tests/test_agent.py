@@ -307,3 +307,21 @@ interval_s = 0.2
     assert took < 5.0
     assert json.loads((state / "health.json").read_text())["state"] == "stopped"
     assert "agent stopped" in err
+
+
+def test_restart_request_stops_cleanly_with_the_restart_exit_code(tmp_path: Path) -> None:
+    from edgeagent.agent import RESTART_EXIT_CODE
+
+    idle = Idle()
+    agent = Agent(make_config(tmp_path), factory(idle))
+
+    async def main() -> int:
+        task = asyncio.create_task(agent.run())
+        while agent.state != "running":
+            await asyncio.sleep(0.01)
+        assert agent.hub.request_restart is not None
+        agent.hub.request_restart("config rollback needs mqtt.port")
+        return await asyncio.wait_for(task, 10)
+
+    assert asyncio.run(main()) == RESTART_EXIT_CODE
+    assert idle.exited

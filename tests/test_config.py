@@ -100,6 +100,7 @@ def test_default_toml_documents_every_key() -> None:
         ({"inference": {"runtime": "onnx"}},
          'inference.runtime: expected one of "auto", "tflite-runtime", "litert"'),
         ({"mqtt": "broker"}, 'mqtt: expected a table, got "broker"'),
+        ({"telemetry": {"interval_s": float("nan")}}, "telemetry.interval_s: expected a finite number"),
     ],
 )
 def test_bad_config_is_rejected_with_key_path(raw: dict[str, typing.Any], expected: str) -> None:

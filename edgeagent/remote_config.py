@@ -1,0 +1,329 @@
+"""Live remote configuration: `P/D/config/desired` -> verify -> validate -> apply -> persist -> report.
+
+A desired config is `{"v":1,"version":n,"config":{partial TOML as JSON},"sig":{...}}`, signed with
+the same trusted keys as updates. Its `config` is merged over the local file (the applied layer
+*replaces* the previous remote layer; arrays such as `rules` are replaced whole), validated by the
+same `config.build` as `check-config`, swapped in live, persisted atomically as
+`<state_dir>/config.applied.toml` and reported retained on `P/D/config/reported`
+(`sha256` = SHA-256 of the canonical JSON of `config`).
+
+Versions must increase: a version at or below the highest verified one seen (a retained message
+redelivered after a reconnect, or a replay) is ignored without a new report, so the retained report
+keeps describing what runs. Unsigned or badly signed messages are rejected (reported) but do not
+move that mark.
+
+Safety net: after applying, the new config is on probation for `config.confirm_timeout_s`. If the
+broker stays unreachable that long, or any component crashes meanwhile, the last confirmed config
+comes back (live; with a restart when restart-only keys were in effect) and `rolled_back` is
+reported once the broker is back. A config applied but not yet confirmed when the agent restarts
+(restart-only keys take effect then) goes through the same probation at start; one the agent has
+started with MAX_UNCONFIRMED_STARTS times without confirming it (it dies before its probation ends)
+is given up by `load_effective` itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import Any
+
+from edgeagent import protocol
+from edgeagent.config import RemoteConfigConfig
+from edgeagent.config_layers import (
+    AppliedState,
+    ConfigLayers,
+    check_remote_layer,
+    layers_for,
+    load_effective,
+    read_applied,
+    restart_paths,
+    write_applied,
+)
+from edgeagent.errors import ConfigError, ProtocolError, RemoteConfigRejected, SignatureInvalid
+from edgeagent.hub import Hub
+from edgeagent.logs import Once
+from edgeagent.signing import load_trusted_keys, verify
+
+__all__ = ["Desired", "RemoteConfigComponent", "config_sha256", "load_effective", "parse_desired"]
+log = logging.getLogger(__name__)
+_once = Once(log)
+
+MAX_PAYLOAD_BYTES = 256 * 1024
+PROBATION_TICK_S = 0.25  # how often the broker link is looked at while a config is on probation
+
+
+def config_sha256(partial: dict[str, Any]) -> str:
+    """What `reported.sha256` is: over the canonical JSON of the desired message's `config`."""
+    body = json.dumps(partial, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    version: int
+    sha256: str
+    config: dict[str, Any]
+    key_id: str
+
+
+def parse_desired(topic: str, payload: bytes, trusted: dict[str, Any]) -> Desired:
+    """Decode and verify a desired-config message; RemoteConfigRejected says why not (with the
+    version when it could be read). The layer's own validity is checked by the caller."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise RemoteConfigRejected(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        msg = protocol.loads_object(topic, payload)
+    except ProtocolError as exc:
+        raise RemoteConfigRejected(exc.reason) from exc
+    except RecursionError as exc:
+        raise RemoteConfigRejected("malformed JSON: nested too deeply") from exc
+    version = msg.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version < 2**63:
+        raise RemoteConfigRejected(f"version: expected a positive integer, got {version!r}")
+    partial = msg.get("config")
+    if not isinstance(partial, dict):
+        raise RemoteConfigRejected(f"config: expected an object, got {type(partial).__name__}", version)
+    if not trusted:
+        raise RemoteConfigRejected("no trusted keys configured (updates.trusted_keys)", version)
+    try:
+        key_id = verify(msg, trusted)
+    except SignatureInvalid as exc:
+        raise RemoteConfigRejected(f"signature: {exc.reason}", version) from exc
+    except UnicodeEncodeError as exc:  # "\ud800" in the JSON: no canonical UTF-8 form to verify
+        raise RemoteConfigRejected("signature: message holds a lone surrogate (not valid Unicode)",
+                                   version) from exc
+    return Desired(version, config_sha256(partial), partial, key_id)
+
+
+@dataclass
+class Probation:
+    started: float
+    disconnected_since: float | None
+    timeout_s: float  # from the config before the change too: a bad push cannot stretch its own probation
+    crash: str | None = None
+
+
+class RemoteConfigComponent:
+    name = "remote-config"
+
+    def __init__(self, hub: Hub, clock: Callable[[], float] = time.monotonic,
+                 restart: Callable[[str], None] | None = None) -> None:
+        self.hub = hub
+        self.clock = clock
+        # finishing a rollback of restart-only keys needs a new process (the lead wires
+        # Hub.request_restart to a non-zero exit, which systemd's Restart=on-failure turns into one)
+        self._restart = restart
+        self.state = AppliedState()
+        self.probation: Probation | None = None
+        self._layers: ConfigLayers | None = None
+        self._latest: bytes | None = None  # only the newest desired payload matters: older are replaced
+        self._wake = asyncio.Event()
+        self.restart_requested: str | None = None
+
+    @property
+    def layers(self) -> ConfigLayers:
+        assert self._layers is not None, "enter the component first"
+        return self._layers
+
+    async def __aenter__(self) -> RemoteConfigComponent:
+        cfg = self.hub.config
+        applied = await asyncio.to_thread(read_applied, cfg.state_dir)
+        self.state = applied or AppliedState()
+        self._layers = layers_for(self.hub)
+        if self.state.report:
+            # re-assert what this device runs (also delivers a rollback report made before a restart)
+            self.hub.outbox.put_state(self.hub.topics.config_reported, self.state.report)
+        if not cfg.config.enabled:
+            return self
+        if not self.state.confirmed:
+            now = self.clock()
+            default_s = RemoteConfigConfig().confirm_timeout_s
+            self.probation = Probation(now, now, min(cfg.config.confirm_timeout_s, default_s))
+            log.info("config on probation after start", extra={"kv": {"version": self.state.version}})
+        self.hub.crash_listeners.append(self._on_crash)
+        self.hub.router.subscribe(self.hub.topics.config_desired, self._on_desired)
+        self.hub.providers["config"] = self.section
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._on_crash in self.hub.crash_listeners:
+            self.hub.crash_listeners.remove(self._on_crash)
+        self.hub.providers.pop("config", None)
+
+    def section(self) -> dict[str, Any]:
+        return {"version": self.state.version, "sha256": self.state.sha256,
+                "confirmed": self.state.confirmed, "good_version": self.state.good_version}
+
+    # -- inputs (run on the event loop; must not block)
+
+    async def _on_desired(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # the retained message was cleared
+        self._latest = payload
+        self._wake.set()
+
+    def _on_crash(self, component: str, error: str) -> None:
+        if self.probation is not None and self.probation.crash is None:
+            self.probation.crash = f"component {component} failed: {error}"
+            self._wake.set()
+
+    # -- the loop
+
+    async def run(self) -> None:
+        if not self.hub.config.config.enabled:
+            return
+        while True:
+            self._wake.clear()
+            payload, self._latest = self._latest, None
+            try:
+                if payload is not None:
+                    await self.handle(payload)
+                if self.probation is not None:
+                    await self.check_probation()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not end remote config (nor the safety net) for good
+                _once.warning("turn", "remote config turn failed", exc_info=True)
+            timeout = PROBATION_TICK_S if self.probation is not None else None
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    async def handle(self, payload: bytes) -> None:
+        """One desired message: applied, rejected (reported) or ignored (old version)."""
+        topic = self.hub.topics.config_desired
+        version = 0
+        try:
+            try:
+                trusted: dict[str, Any] = await asyncio.to_thread(
+                    load_trusted_keys, self.hub.config.updates.trusted_keys)
+            except ConfigError as exc:
+                raise RemoteConfigRejected("trusted keys unreadable: " + "; ".join(exc.errors)) from exc
+            desired = parse_desired(topic, payload, trusted)
+            version = desired.version
+            if version <= self.state.seen_version:
+                if version < self.state.seen_version:
+                    log.warning("ignoring desired config version %d: not above %d", version,
+                                self.state.seen_version)
+                return
+            self.state.seen_version = version  # a verified version is never considered again
+            await self._apply(desired)
+        except RemoteConfigRejected as exc:
+            # what a sender wrote may end up in the reason: keep it encodable as JSON and TOML
+            reason = exc.reason.encode("utf-8", "backslashreplace").decode("utf-8")
+            if self.state.version:
+                reason += f" (still running version {self.state.version})"
+            sha = hashlib.sha256(payload).hexdigest()
+            report = protocol.config_reported(exc.version or version, sha, "rejected", reason)
+            self.hub.outbox.put_state(self.hub.topics.config_reported, report)
+            self.hub.emit_event("config", "warning", f"desired config rejected: {reason}",
+                                {"version": exc.version or version, "reason": reason})
+            await self._persist_quietly()  # keeps seen_version: a rejected version is not retried
+
+    async def _apply(self, desired: Desired) -> None:
+        errors = check_remote_layer(desired.config)
+        if errors:
+            raise RemoteConfigRejected("invalid: " + "; ".join(errors), desired.version)
+        try:
+            new = self.layers.build(desired.config)
+        except ConfigError as exc:
+            raise RemoteConfigRejected("invalid: " + "; ".join(exc.errors), desired.version) from exc
+        prev, timeout_s = self.state, self.hub.config.config.confirm_timeout_s
+        good = (prev.version, prev.sha256, prev.config) if prev.confirmed else (
+            prev.good_version, prev.good_sha256, prev.good_config)
+        pending_keys = restart_paths(self.layers.boot, new)
+        reason = (f"restart needed for: {', '.join(pending_keys)} (applied on next start)"
+                  if pending_keys else "")
+        report = protocol.config_reported(desired.version, desired.sha256, "applied", reason)
+        state = AppliedState(desired.version, desired.sha256, desired.config, confirmed=False,
+                             seen_version=prev.seen_version, good_version=good[0], good_sha256=good[1],
+                             good_config=good[2], report=report)
+        try:
+            await asyncio.to_thread(write_applied, self.hub.config.state_dir, state)
+        except OSError as exc:
+            raise RemoteConfigRejected(f"cannot persist: {exc}", desired.version) from exc
+        self.state = state
+        self.layers.set_remote(desired.config)
+        self.hub.outbox.put_state(self.hub.topics.config_reported, report)
+        self.hub.emit_event("config", "info", f"config version {desired.version} applied",
+                            {"version": desired.version, "sha256": desired.sha256, "key_id": desired.key_id,
+                             "restart_needed": pending_keys})
+        now = self.clock()
+        timeout_s = min(timeout_s, self.hub.config.config.confirm_timeout_s)
+        self.probation = Probation(now, None if self._connected() else now, timeout_s)
+        log.info("config applied",
+                 extra={"kv": {"version": desired.version, "restart": ",".join(pending_keys)}})
+
+    # -- probation
+
+    def _connected(self) -> bool:
+        if not self.hub.config.mqtt.host:
+            return True  # offline by design: nothing to lose contact with
+        return bool(self.hub.router.connected)
+
+    async def check_probation(self) -> None:
+        p = self.probation
+        assert p is not None
+        now = self.clock()
+        timeout_s = p.timeout_s
+        if p.crash is not None:
+            await self.rollback(p.crash)
+            return
+        if self._connected():
+            p.disconnected_since = None
+        elif p.disconnected_since is None:
+            p.disconnected_since = now
+        if p.disconnected_since is not None and now - p.disconnected_since >= timeout_s:
+            await self.rollback(f"broker unreachable for {timeout_s:g}s after applying")
+        elif p.disconnected_since is None and now - p.started >= timeout_s:
+            await self.confirm()
+
+    async def confirm(self) -> None:
+        st = self.state
+        self.state = replace(st, confirmed=True, good_version=st.version, good_sha256=st.sha256,
+                             good_config=st.config, starts=0)
+        self.probation = None
+        await self._persist_quietly()
+        log.info("config confirmed", extra={"kv": {"version": st.version}})
+        self.hub.emit_event("config", "info", f"config version {st.version} confirmed",
+                            {"version": st.version, "sha256": st.sha256})
+
+    async def rollback(self, why: str) -> None:
+        bad = self.state
+        self.probation = None
+        self.state = bad.rolled_back(why)
+        report, reason = self.state.report, self.state.report["reason"]
+        await self._persist_quietly()
+        try:
+            pending = self.layers.set_remote(bad.good_config, keep_restart_keys=False)
+        except ConfigError as exc:  # the good layer validated before; only a schema change gets here
+            log.error("last good config no longer validates: %s", exc)
+            pending = self.layers.set_remote({}, keep_restart_keys=False)
+        self.hub.outbox.put_state(self.hub.topics.config_reported, report)
+        self.hub.emit_event("config", "critical", f"config version {bad.version} rolled back: {why}",
+                            {"version": bad.version, "reason": reason, "restart_needed": pending})
+        log.error("config rolled back", extra={"kv": {"version": bad.version, "reason": why}})
+        if pending:
+            self._request_restart(f"config rollback needs a restart for {', '.join(pending)}")
+
+    def _request_restart(self, reason: str) -> None:
+        self.restart_requested = reason
+        hook = self._restart or getattr(self.hub, "request_restart", None)
+        if hook is None:
+            log.critical("%s: restart edgeagent to finish the rollback", reason)
+        else:
+            hook(reason)
+
+    async def _persist_quietly(self) -> None:
+        try:
+            await asyncio.to_thread(write_applied, self.hub.config.state_dir, self.state)
+        except (OSError, ValueError) as exc:
+            log.error("cannot persist %s: %s", "config.applied.toml", exc)

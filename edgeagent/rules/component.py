@@ -1,0 +1,206 @@
+"""RulesComponent: evaluates the rules at the monitor's pace and performs their actions on the hub.
+
+It also owns the other busy sources: `busy.file` (exists -> busy, one stat per turn) and
+`busy.topic` on the local broker (rules/busy.py).
+
+Actions are states, not one-shots: `power_save` slows monitor/telemetry/inference while any rule
+holding it is active, `busy` raises `rule:<name>` in the busy set (updates wait), `set:<k>=<v>`
+is a runtime config layer (through the same build + replace path as a remote config); all are
+undone when the rule clears. `alert:<severity>` sends one event with the values that fired it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+
+from edgeagent.config import Config, RuleConfig, merge_layers
+from edgeagent.config_layers import layers_for
+from edgeagent.errors import ConfigError, ExprError
+from edgeagent.hub import Hub
+from edgeagent.logs import Once
+from edgeagent.rules.busy import BusyTopicWatcher
+from edgeagent.rules.engine import CompiledRule, RuleEngine, Transition
+
+log = logging.getLogger(__name__)
+
+SLOWED = ("monitor", "telemetry", "inference")  # hub.slowdown keys power_save sets
+SECTIONS = ("inference", "mqtt")  # provider sections rules may read (cheap ones only)
+
+
+def collect_values(metrics: Mapping[str, Any], sections: Mapping[str, Mapping[str, Any]],
+                   busy: bool, connected: bool, now: datetime) -> dict[str, Any]:
+    """The names a condition can use: every scalar metric (`temp_c`), every scalar of the inference
+    and mqtt sections both as `inference.p95_ms` and, unless a metric has that name, `p95_ms`; and
+    device state `busy`, `connected`, `hour`, `minute`, `weekday` (0 = Monday, local time)."""
+    out: dict[str, Any] = {k: v for k, v in metrics.items() if _scalar(v)}
+    for section, table in sections.items():
+        for k, v in table.items():
+            if _scalar(v):
+                out[f"{section}.{k}"] = v
+                out.setdefault(k, v)
+    out.update(busy=busy, connected=connected, hour=now.hour, minute=now.minute, weekday=now.weekday())
+    return out
+
+
+def _scalar(v: object) -> bool:
+    return isinstance(v, (bool, int, float, str))
+
+
+class RulesComponent:
+    name = "rules"
+
+    def __init__(self, hub: Hub, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], datetime] = datetime.now) -> None:
+        self.hub = hub
+        self.clock = clock
+        self.wall = wall
+        self.engine = RuleEngine()
+        self._rules: tuple[RuleConfig, ...] = ()
+        self._wake = asyncio.Event()
+        self._once = Once(log)
+        self._busy_file = False
+        self._power_save = False
+
+    async def __aenter__(self) -> RulesComponent:
+        self.reload(self.hub.config)
+        self.hub.on_metrics(lambda _m: self._wake.set())
+        self.hub.providers["rules"] = self.engine.section
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        for rule in self.engine.active():
+            self._undo(rule)
+        self._set_power_save(False)
+        self.hub.providers.pop("rules", None)
+
+    async def run(self) -> None:
+        if not self.hub.config.busy.topic:
+            await self._evaluate_loop()
+            return
+        tasks = [asyncio.create_task(self._evaluate_loop(), name="rules-evaluate"),
+                 asyncio.create_task(BusyTopicWatcher(self.hub).run(), name="rules-busy-topic")]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # re-raise: the supervisor restarts us
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _evaluate_loop(self) -> None:
+        while True:
+            self.step()
+            cfg = self.hub.config
+            interval_s = max(0.05, cfg.monitor.interval_s * self.hub.factor("monitor"))
+            try:
+                # a new monitor sample wakes us; the timeout keeps `for`/clear timing going without one
+                await asyncio.wait_for(self._wake.wait(), timeout=interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+
+    # -- one evaluation turn (synchronous: tests drive it with a fake clock)
+
+    def step(self) -> list[Transition]:
+        cfg = self.hub.config
+        if cfg.rules != self._rules:
+            self.reload(cfg)
+        self._poll_busy_file(cfg)
+        sections = {}
+        for name in SECTIONS:
+            provider = self.hub.providers.get(name)
+            if provider is not None:
+                try:
+                    sections[name] = provider()
+                except Exception as exc:
+                    self._once.warning(f"provider:{name}", "provider %s failed: %s", name, exc)
+        mqtt = sections.get("mqtt", {})
+        connected = bool(mqtt.get("connected", self.hub.router.connected))
+        values = collect_values(self.hub.metrics, sections, bool(self.hub.busy), connected, self.wall())
+        result = self.engine.feed(self.clock(), values)
+        for p in result.problems:
+            self._once.warning(f"{p.rule}:{p.key}", "rule %s: %s; the condition counts as false", p.rule,
+                               p.message, extra={"kv": {"rule": p.rule}})
+        for t in result.transitions:
+            self._perform(t)
+        return result.transitions
+
+    def reload(self, cfg: Config) -> None:
+        """Take a new rule set from a (live) config; the previous set stays on a bad one."""
+        try:
+            cleared = self.engine.reconfigure(cfg.rules, self.clock())
+        except (ExprError, ValueError) as exc:  # config validation checks these first: belt and braces
+            log.error("rules not reloaded: %s", exc)
+            self._rules = cfg.rules
+            return
+        self._rules = cfg.rules
+        for t in cleared:
+            self._perform(t)
+        log.info("rules loaded", extra={"kv": {"rules": ",".join(r.name for r in self.engine.rules) or "-"}})
+
+    # -- actions
+
+    def _perform(self, t: Transition) -> None:
+        rule = t.rule
+        data = {"rule": rule.name, "state": t.change, "when": rule.config.when, "values": t.values}
+        if t.change == "fired":
+            alerts = [a for a in rule.actions if a.kind == "alert"]
+            for a in alerts:
+                self.hub.emit_event("rule", a.severity, f"rule {rule.name}: {rule.config.when}", data)
+            if not alerts:
+                self.hub.emit_event("rule", "info", f"rule {rule.name} fired: {rule.config.when}", data)
+            if any(a.kind == "busy" for a in rule.actions):
+                self.hub.set_busy(f"rule:{rule.name}", f"rule {rule.name}: {rule.config.when}")
+            sets = [a for a in rule.actions if a.kind == "set"]
+            if sets:
+                self._set_override(rule, sets)
+        else:
+            if t.reason:
+                data["reason"] = t.reason
+            self.hub.emit_event("rule", "info", f"rule {rule.name} cleared", data)
+            self._undo(rule)
+        self._set_power_save(any(a.kind == "power_save" for r in self.engine.active() for a in r.actions))
+
+    def _undo(self, rule: CompiledRule) -> None:
+        if any(a.kind == "busy" for a in rule.actions):
+            self.hub.set_busy(f"rule:{rule.name}", None)
+        if any(a.kind == "set" for a in rule.actions):
+            self._set_override(rule, [])
+
+    def _set_override(self, rule: CompiledRule, sets: list[Any]) -> None:
+        partial = merge_layers(*(a.partial() for a in sets)) if sets else None
+        try:
+            layers_for(self.hub).set_override(f"rule:{rule.name}", partial)
+        except ConfigError as exc:
+            self.hub.emit_event("rule", "warning", f"rule {rule.name}: cannot apply {exc.errors[0]}",
+                                {"rule": rule.name, "errors": exc.errors})
+
+    def _set_power_save(self, on: bool) -> None:
+        if on == self._power_save:
+            return
+        self._power_save = on
+        if on:
+            ps = self.hub.config.power_save
+            self.hub.slowdown.update(monitor=ps.monitor_factor, telemetry=ps.telemetry_factor,
+                                     inference=ps.inference_factor)
+        else:
+            for key in SLOWED:
+                self.hub.slowdown.pop(key, None)
+        log.info("power save %s", "on" if on else "off")
+        self.hub.notify_changed()
+
+    def _poll_busy_file(self, cfg: Config) -> None:
+        path = cfg.busy.file
+        busy = bool(path) and os.path.exists(path)  # one stat per turn: cheap enough for the loop
+        if busy != self._busy_file:
+            self._busy_file = busy
+            self.hub.set_busy("file", f"{path} exists" if busy else None)
