@@ -216,6 +216,12 @@ class SimulatedSource:
         self._chunk = max(1, round(rate_hz * chunk_s))
         for name, severity in (faults or {}).items():
             self.sim.set_fault(name, severity)
+        self._schedule: tuple[str, float, float, float] | None = None
+
+    def schedule_fault(self, name: str, severity: float, start_s: float, duration_s: float = 0.0) -> None:
+        """Switch `name` on `start_s` seconds of signal after the start, off again after
+        `duration_s` (0: never): demos and soak runs show an anomaly raised and cleared."""
+        self._schedule = (name, severity, start_s, duration_s)
 
     def set_fault(self, name: str, severity: float) -> None:
         self.sim.set_fault(name, severity)
@@ -229,6 +235,11 @@ class SimulatedSource:
         t0 = time.time()
         sent = 0
         while True:
+            if self._schedule is not None:
+                name, severity, start_s, duration_s = self._schedule
+                t = sent / self.rate_hz
+                active = t >= start_s and (duration_s <= 0 or t < start_s + duration_s)
+                self.sim.set_fault(name, severity if active else 0.0)
             samples = self.sim.generate(self._chunk)
             sent += self._chunk
             await pacer.wait(sent / self.rate_hz)
@@ -473,7 +484,9 @@ def make_source(cfg: SensorsConfig) -> SensorSource:
         sim = cfg.simulated
         src = SimulatedSource(cfg.rate_hz, sim.seed, rotation_hz=sim.rpm / 60.0,
                               base_temp_c=sim.temperature_c)
-        if sim.fault != "none":
+        if sim.fault != "none" and (sim.fault_start_s > 0 or sim.fault_duration_s > 0):
+            src.schedule_fault(sim.fault, sim.fault_severity, sim.fault_start_s, sim.fault_duration_s)
+        elif sim.fault != "none":
             src.set_fault(sim.fault, sim.fault_severity)
         return src
     if cfg.source == "csv":

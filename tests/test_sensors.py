@@ -418,3 +418,28 @@ def test_payload_json_roundtrip_of_simulated_chunk() -> None:
     payload = json.dumps({"ts": 1.0, "values": chunk.tolist()})
     _, samples = parse_payload(payload, 3, now=0.0)
     np.testing.assert_array_equal(samples, chunk)
+
+
+def test_scheduled_fault_switches_on_and_off_by_signal_time() -> None:
+    """sensors.simulated.fault_start_s/fault_duration_s: the demo's anomaly that comes and goes."""
+    from edgeagent.config import build
+    from edgeagent.sensors import SimulatedSource, make_source
+
+    cfg = build({"sensors": {"simulated": {"fault": "imbalance", "fault_severity": 1.0,
+                                           "fault_start_s": 0.2, "fault_duration_s": 0.2}}}, env={})
+    src = make_source(cfg.sensors)
+    assert isinstance(src, SimulatedSource)
+    src.realtime = False
+
+    async def collect() -> list[float]:
+        out: list[float] = []
+        async for _ts, _samples in src.stream():
+            out.append(src.sim.faults.get("imbalance", 0.0))  # severity the chunk was generated with
+            if len(out) >= 30:  # 30 chunks of 20 ms = 0.6 s of signal
+                return out
+        return out
+
+    severity = asyncio.run(collect())
+    assert severity[:10] == [0.0] * 10  # t < 0.2 s
+    assert severity[10:20] == [1.0] * 10  # 0.2 s <= t < 0.4 s
+    assert severity[20:] == [0.0] * 10
