@@ -10,19 +10,23 @@ import base64
 import binascii
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from edgeagent.errors import ConfigError, SignatureInvalid
 from edgeagent.protocol import canonical
+
+# cryptography costs ~8 MiB of RSS: imported on first use, so an agent without updates or
+# remote config (and a monitor-only board) never pays for it
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 ALG = "ed25519"
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     data = Path(path).read_bytes()
     try:
         key = serialization.load_pem_public_key(data)
@@ -34,6 +38,9 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     data = Path(path).read_bytes()
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -62,6 +69,9 @@ def load_trusted_keys(paths: Mapping[str, str]) -> dict[str, Ed25519PublicKey]:
 
 def generate_keypair(private_path: Path, public_path: Path) -> None:
     """Write a new Ed25519 key pair as PEM (private key 0600)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from edgeagent.fsutil import atomic_write_bytes
 
     key = Ed25519PrivateKey.generate()
@@ -102,6 +112,8 @@ def verify(message: dict[str, Any], trusted: Mapping[str, Ed25519PublicKey]) -> 
         body = canonical(message)
     except (UnicodeEncodeError, TypeError, ValueError) as exc:  # lone surrogates, non-JSON values
         raise SignatureInvalid(f"message cannot be canonicalised: {exc}", key_id) from exc
+    from cryptography.exceptions import InvalidSignature
+
     try:
         trusted[key_id].verify(raw, body)
     except InvalidSignature as exc:
