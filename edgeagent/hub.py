@@ -185,8 +185,10 @@ class Hub:
 
     # -- live knobs
     def notify_changed(self) -> None:
-        self.changed.set()
-        self.changed.clear()
+        # a fresh Event per change: set-then-clear on one Event loses the wakeup of a sleeper whose
+        # wait() task has not started yet (asyncio.wait_for wraps it in a task)
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
 
     def replace_config(self, config: Config) -> None:
         self.config = config
@@ -204,7 +206,8 @@ class Hub:
 
     async def sleep_or_change(self, seconds: float) -> None:
         """Sleep, but wake early when a knob changes (so a new interval applies at once)."""
+        changed = self.changed  # taken now: a change from here on wakes us
         try:
-            await asyncio.wait_for(self.changed.wait(), timeout=seconds)
+            await asyncio.wait_for(changed.wait(), timeout=seconds)
         except asyncio.TimeoutError:
             pass
