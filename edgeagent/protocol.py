@@ -87,6 +87,8 @@ def loads_object(topic: str, payload: bytes) -> dict[str, Any]:
         value = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(topic, f"malformed JSON: {exc}") from exc
+    except RecursionError as exc:  # a hostile payload nested thousands deep
+        raise ProtocolError(topic, "malformed JSON: nested too deeply") from exc
     if not isinstance(value, dict):
         raise ProtocolError(topic, f"expected a JSON object, got {type(value).__name__}")
     if value.get("v") != PROTOCOL_VERSION:

@@ -1,0 +1,97 @@
+"""The collector's SQLite store: batches, idempotent rows, retention, read-only access, bad files."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeagent import protocol
+from edgeagent.errors import FleetStoreError
+from edgeagent.fleet.state import FleetState
+from edgeagent.fleet.store import Store
+
+T0 = 1_800_000_000.0
+
+
+def _fill(store: Store) -> FleetState:
+    fs = FleetState("edge")
+    rows = []
+    for seq in range(1, 11):
+        sample = {"seq": seq, "ts": T0 + seq, "metrics": {"cpu_percent": seq}}
+        rows += fs.ingest("edge/d1/telemetry", protocol.dumps(protocol.telemetry("d1", [sample])),
+                          T0 + seq).samples
+    ev = fs.ingest("edge/d1/events", protocol.dumps(protocol.event("d1", 1, "rule", "info", "m", ts=T0)), T0)
+    job = fs.ingest("edge/d1/updates/j/status", protocol.dumps(
+        protocol.job_status("j", "model", "m", "2", "received", ts=T0)), T0)
+    store.write(rows, ev.events, job.jobs, fs.take_dirty(), now=T0)
+    return fs
+
+
+def test_a_batch_round_trips_and_redelivered_rows_are_not_doubled(tmp_path: Path):
+    with Store(tmp_path / "f.sqlite") as store:
+        fs = _fill(store)
+        again = [("d1", 3, T0 + 3, T0 + 20, 1.0, None, None, None, None, None)]
+        store.write(again, now=T0 + 20)
+        assert store.count("samples") == 10
+        assert store.sample_seqs("d1") == list(range(1, 11))
+        assert store.samples("d1", limit=3)[-1]["cpu_percent"] == 10
+        assert store.events("d1")[0]["kind"] == "rule"
+        assert store.jobs("d1")[0]["state"] == "received"
+        assert store.device("d1") == fs.snapshot()[0]
+        assert store.device("nobody") is None
+
+
+def test_prune_deletes_old_history_but_keeps_devices(tmp_path: Path):
+    with Store(tmp_path / "f.sqlite") as store:
+        _fill(store)
+        assert store.prune(T0 + 5.5) == 5 + 1 + 1
+        assert store.sample_seqs("d1") == [6, 7, 8, 9, 10]
+        assert store.count("devices") == 1
+
+
+def test_readers_see_the_writer_s_committed_batches(tmp_path: Path):
+    path = tmp_path / "f.sqlite"
+    with Store(path) as writer:
+        _fill(writer)
+        with Store(path, readonly=True) as reader:
+            assert len(reader.samples("d1")) == 10
+            with pytest.raises(sqlite3.OperationalError):
+                reader.db.execute("DELETE FROM samples")
+
+
+def test_a_missing_or_foreign_file_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(FleetStoreError, match="no such database"):
+        Store(tmp_path / "absent.sqlite", readonly=True)
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(FleetStoreError, match="not a fleet database"):
+        Store(junk)
+    assert junk.read_bytes().startswith(b"this is not sqlite")
+    r = subprocess.run([sys.executable, "-m", "edgeagent.fleet.cli", "fleet", "devices", "--db",
+                        str(tmp_path / "absent.sqlite")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no such database" in r.stderr
+
+
+def test_a_full_history_queue_drops_the_oldest_rows_and_counts_them_while_state_stays_exact(tmp_path: Path):
+    import paho.mqtt.client as mqtt
+
+    from edgeagent.fleet.collector import Collector, CollectorOptions
+    from edgeagent.fleet.connect import BrokerUrl
+
+    c = Collector(CollectorOptions(broker=BrokerUrl.parse("mqtt://127.0.0.1:1"), db=tmp_path / "f.sqlite",
+                                   queue_max=5))
+    c._store = Store(tmp_path / "f.sqlite")          # no threads, no broker: the writer is "stuck"
+    for seq in range(1, 9):
+        msg = mqtt.MQTTMessage(topic=b"edge/d1/telemetry")
+        msg.payload = protocol.dumps(protocol.telemetry("d1", [{"seq": seq, "ts": T0 + seq}]))
+        c._on_message(None, None, msg)  # type: ignore[arg-type]
+    assert c.history_dropped == 3
+    assert [row[1] for _, row in c.queue] == [4, 5, 6, 7, 8]
+    assert c.state.snapshot()[0]["telemetry"]["received"] == 8
+    c._flush()
+    assert c._store.sample_seqs("d1") == [4, 5, 6, 7, 8]
+    c._store.close()
