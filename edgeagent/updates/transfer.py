@@ -1,0 +1,228 @@
+"""Chunk assembly on disk: a partial file plus a persisted bitmap, so a transfer survives kill -9.
+
+The bitmap on disk only ever claims chunks that were fsynced into the partial file before it was
+written (atomically), so after a crash a chunk is at worst received twice, never assumed present.
+Memory stays bounded: one chunk at a time, the final sha256 is streamed from disk.
+All methods block (file I/O): call them off the event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from edgeagent.errors import ChunkRejected
+from edgeagent.fsutil import atomic_write_bytes
+from edgeagent.updates.manifest import Manifest
+
+PART = "artifact.part"
+BITMAP = "bitmap"
+ARTIFACT = "artifact"
+HASH_BLOCK = 1 << 20
+MAX_RANGES = 64  # per request message: keep requests small; the rest is asked for next time
+
+
+class Transfer:
+    def __init__(self, directory: Path, manifest: Manifest, persist_every_s: float = 0.5) -> None:
+        self.dir = Path(directory)
+        self.m = manifest
+        self.persist_every_s = persist_every_s
+        self._lock = threading.Lock()
+        self._have = bytearray(manifest.chunks)  # 1 per chunk received (in memory)
+        self._durable = bytearray(manifest.chunks)  # what the bitmap file says
+        self._count = 0
+        self._dirty = False
+        self._last_persist = 0.0
+        self._fd: int | None = None
+        self.duplicates = 0
+
+    # -- lifecycle
+    @property
+    def part_path(self) -> Path:
+        return self.dir / PART
+
+    @property
+    def artifact_path(self) -> Path:
+        return self.dir / ARTIFACT
+
+    def open(self) -> None:
+        """Create or reopen the partial file and load the bitmap of a previous run."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.artifact_path.exists() and not self.part_path.exists():
+            self._have[:] = b"\x01" * self.m.chunks  # finished before a restart: finish() checks it again
+            self._count = self.m.chunks
+            return
+        self._fd = os.open(self.part_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.fstat(self._fd).st_size != self.m.size:
+            os.ftruncate(self._fd, self.m.size)  # sparse; disk space was checked before start
+        try:
+            data = (self.dir / BITMAP).read_bytes()
+        except FileNotFoundError:
+            data = b""
+        if len(data) == self.m.chunks:
+            self._have[:] = data
+            self._durable[:] = data
+            self._count = sum(1 for b in data if b)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                self.persist(force=True)
+                os.close(self._fd)
+                self._fd = None
+
+    # -- chunks
+    def validate(self, index: int, data: bytes) -> None:
+        """ChunkRejected for anything that must never reach the disk."""
+        m = self.m
+        if index < 0 or index >= m.chunks:
+            raise ChunkRejected(m.job, index, f"index out of range (manifest declares {m.chunks} chunks)")
+        expected = m.chunk_len(index)
+        if len(data) > m.chunk_size:
+            raise ChunkRejected(m.job, index, f"oversized: {len(data)} bytes > chunk_size {m.chunk_size}")
+        if len(data) != expected:
+            raise ChunkRejected(m.job, index, f"size mismatch: {len(data)} bytes, expected {expected}")
+        if m.chunk_sha256 is not None and hashlib.sha256(data).hexdigest() != m.chunk_sha256[index]:
+            raise ChunkRejected(m.job, index, "chunk_sha256 mismatch")
+
+    def write(self, index: int, data: bytes) -> bool:
+        """Validate and store one chunk; False for a duplicate (ignored)."""
+        self.validate(index, data)
+        with self._lock:
+            if self._fd is None:
+                raise ChunkRejected(self.m.job, index, "transfer is closed")
+            if self._have[index]:
+                self.duplicates += 1
+                return False
+            os.pwrite(self._fd, data, index * self.m.chunk_size)
+            self._have[index] = 1
+            self._count += 1
+            self._dirty = True
+            if self.complete or time.monotonic() - self._last_persist >= self.persist_every_s:
+                self.persist(force=True)
+            return True
+
+    def persist(self, force: bool = False) -> None:
+        """fsync the data, then atomically record which chunks it holds."""
+        if self._fd is None or not (self._dirty or force):
+            return
+        os.fsync(self._fd)
+        snapshot = bytes(self._have)
+        if snapshot != bytes(self._durable) or not (self.dir / BITMAP).exists():
+            atomic_write_bytes(self.dir / BITMAP, snapshot, mode=0o600)
+            self._durable[:] = snapshot
+        self._dirty = False
+        self._last_persist = time.monotonic()
+
+    # -- progress
+    @property
+    def received(self) -> int:
+        return self._count
+
+    @property
+    def complete(self) -> bool:
+        return self._count == self.m.chunks
+
+    @property
+    def progress(self) -> float:
+        return self._count / self.m.chunks
+
+    def missing_ranges(self, limit: int = MAX_RANGES) -> list[tuple[int, int]]:
+        """Inclusive [first, last] ranges of chunks not received yet (at most `limit` ranges)."""
+        out: list[tuple[int, int]] = []
+        start: int | None = None
+        for i, have in enumerate(self._have):
+            if not have and start is None:
+                start = i
+            elif have and start is not None:
+                out.append((start, i - 1))
+                start = None
+                if len(out) >= limit:
+                    return out
+        if start is not None:
+            out.append((start, self.m.chunks - 1))
+        return out
+
+    def has(self, index: int) -> bool:
+        return bool(self._have[index])
+
+    def missing_after(self, after: int, max_chunks: int) -> list[tuple[int, int]]:
+        """Ranges of missing chunks with index > `after`, at most `max_chunks` chunks in total."""
+        out: list[tuple[int, int]] = []
+        count = 0
+        i = max(0, after + 1)
+        n = self.m.chunks
+        while i < n and count < max_chunks and len(out) < MAX_RANGES:
+            if self._have[i]:
+                i += 1
+                continue
+            start = i
+            while i < n and not self._have[i] and count < max_chunks:
+                i += 1
+                count += 1
+            out.append((start, i - 1))
+        return out
+
+    # -- the end
+    def finish(self) -> str:
+        """Stream the sha256 from disk; on a match rename the part to `artifact`. Returns the digest."""
+        with self._lock:
+            if self._fd is not None:
+                self.persist(force=True)
+                os.close(self._fd)
+                self._fd = None
+        if not self.part_path.exists() and self.artifact_path.exists():
+            return sha256_file(self.artifact_path)  # renamed before a crash: check again
+        digest = sha256_file(self.part_path)
+        if digest == self.m.sha256:
+            os.replace(self.part_path, self.artifact_path)
+        return digest
+
+
+def disk_free_bytes(path: Path) -> int:
+    p = Path(path)
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Puller:
+    """Flow control of one transfer (pull, as in AWS OTA): keep at most `window` requested chunks
+    outstanding, top up when half of them arrived, and start over from the first gap when the
+    sender goes quiet. Memory in the MQTT receive path stays bounded by the window."""
+
+    def __init__(self, transfer: Transfer, window: int) -> None:
+        self.t = transfer
+        self.window = window
+        self.asked_upto = -1
+        self.pending: set[int] = set()
+
+    def outstanding(self) -> int:
+        self.pending = {i for i in self.pending if not self.t.has(i)}
+        return len(self.pending)
+
+    def due(self) -> bool:
+        return self.outstanding() <= self.window // 2 and self.asked_upto < self.t.m.chunks - 1
+
+    def ask(self, restart: bool = False) -> list[tuple[int, int]]:
+        if restart:
+            self.asked_upto, self.pending = -1, set()
+        room = self.window - self.outstanding()
+        ranges = self.t.missing_after(self.asked_upto, room) if room > 0 else []
+        if ranges:
+            self.asked_upto = ranges[-1][1]
+            for a, b in ranges:
+                self.pending.update(range(a, b + 1))
+        return ranges

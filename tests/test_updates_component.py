@@ -1,0 +1,282 @@
+"""The updates component in-process with the real transport, spool and Mosquitto; the operator side
+is the real `push` code (Pusher) or raw MQTT publishes for hostile input."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tarfile
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from edgeagent import protocol, signing
+from edgeagent.fleet.connect import BrokerUrl, connect_and_wait, make_client
+from edgeagent.hub import Hub
+from edgeagent.transport import TransportComponent
+from edgeagent.updates import UpdatesComponent
+from edgeagent.updates.cli import Pusher, build_manifest
+from tests.broker import Broker
+from tests.updates_helpers import (
+    KEY_ID,
+    MODEL,
+    FakeModelInstaller,
+    StatusWatcher,
+    make_config,
+    make_keys,
+    running,
+    signed,
+)
+from tests.util import async_wait_until
+
+Body = Callable[["Ctx"], Awaitable[None]]
+
+
+class Ctx:
+    def __init__(self, tmp: Path, broker: Broker, hub: Hub, comp: UpdatesComponent, key: Any,
+                 watcher: StatusWatcher, installer: FakeModelInstaller) -> None:
+        self.tmp, self.broker, self.hub, self.comp = tmp, broker, hub, comp
+        self.key, self.watcher, self.installer = key, watcher, installer
+
+    async def push(self, msg: dict[str, Any], artifact: Path, timeout_s: float = 30.0,
+                   device: str | None = "dev1", group: str | None = None) -> Any:
+        def go() -> Any:
+            url = BrokerUrl.parse(f"mqtt://127.0.0.1:{self.broker.port}")
+            client = make_client(url, f"push-{time.monotonic_ns()}")
+            connect_and_wait(client, url, 30)
+            try:
+                return Pusher(client, "edge", msg, artifact, device=device, group=group).run(timeout_s, 5.0)
+            finally:
+                client.disconnect()
+                client.loop_stop()
+
+        return await asyncio.to_thread(go)
+
+    async def final(self, job: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        doc = await async_wait_until(lambda: self.watcher.final(job), timeout_s, message=f"{job} final")
+        assert isinstance(doc, dict)
+        return doc
+
+    def store_files(self) -> list[Path]:
+        return [p for p in (self.tmp / "store").rglob("*") if p.is_file() and p.name != "versions.json"]
+
+
+def run(tmp_path: Path, broker: Broker, body: Body, installer_fail: str = "",
+        local_now: Callable[[], datetime] = datetime.now, **sections: Any) -> None:
+    key, pub = make_keys(tmp_path / "keys")
+    cfg = make_config(tmp_path, pub, broker.port, **sections)
+
+    async def main() -> None:
+        hub = Hub(cfg)
+        installer = FakeModelInstaller(tmp_path / "store", fail=installer_fail)
+        (tmp_path / "store").mkdir()
+        hub.model_installer = installer
+        watcher = StatusWatcher(broker.port)
+        comp = UpdatesComponent(hub, local_now=local_now)
+        try:
+            async with running(hub, TransportComponent(hub), comp):
+                await async_wait_until(lambda: hub.router.connected, 10, message="connected")
+                await body(Ctx(tmp_path, broker, hub, comp, key, watcher, installer))
+        finally:
+            watcher.close()
+
+    asyncio.run(main())
+
+
+def test_model_update_end_to_end_and_replays(tmp_path: Path, broker: Broker) -> None:
+    async def body(c: Ctx) -> None:
+        msg = signed(MODEL, c.key, job="m-200", version="2.0.0", chunk_size=4096)
+        result = await c.push(msg, MODEL)
+        assert result.states == {"dev1": "succeeded"}, result.reasons
+        await async_wait_until(lambda: c.watcher.events.get("m-200", [])[-1:] == ["succeeded"], 10)
+        assert c.watcher.events["m-200"] == ["received", "downloading", "verified", "installing", "succeeded"]
+        history = [s for s, _ in c.comp.journal.jobs["m-200"].history]
+        assert history == ["received", "downloading", "verified", "installing", "succeeded"]
+        assert c.installer.installed == [("vibration-anomaly", "2.0.0", "m-200")]
+        stored = c.tmp / "store" / "vibration-anomaly" / "2.0.0" / "model.tflite"
+        assert stored.read_bytes() == MODEL.read_bytes()
+        job_dir = c.tmp / "state" / "updates" / "m-200"
+        assert sorted(p.name for p in job_dir.iterdir()) == ["log.txt"]  # artifacts cleaned up
+        # the same manifest again: a no-op; an old signed manifest of a lower version: rejected
+        c.watcher.publish("edge/dev1/updates/m-200/manifest", msg)
+        old = signed(MODEL, c.key, job="m-150", version="1.5.0")
+        c.watcher.publish("edge/dev1/updates/m-150/manifest", old)
+        doc = await c.final("m-150")
+        assert doc["state"] == "rejected" and "rollback refused" in doc["reason"]
+        assert len(c.installer.installed) == 1 and c.comp.journal.jobs["m-200"].state == "succeeded"
+        # the same job id with a different manifest: refused, the job is untouched
+        other = signed(MODEL, c.key, job="m-200", version="3.0.0")
+        c.watcher.publish("edge/dev1/updates/m-200/manifest", other)
+        await async_wait_until(lambda: "reused" in c.watcher.last["m-200"]["reason"], 10)
+        assert c.watcher.last["m-200"]["state"] == "succeeded"
+
+    run(tmp_path, broker, body)
+
+
+def test_hostile_inputs_over_mqtt(tmp_path: Path, broker: Broker) -> None:
+    async def body(c: Ctx) -> None:
+        w = c.watcher
+        w.publish("edge/dev1/updates/bad-json/manifest", b"{not json")
+        assert "malformed JSON" in (await c.final("bad-json"))["reason"]
+        msg = signed(MODEL, c.key, job="bad-sig", version="2.0.0")
+        w.publish("edge/dev1/updates/bad-sig/manifest", {**msg, "version": "2.0.1"})
+        assert "bad signature" in (await c.final("bad-sig"))["reason"]
+        unsigned = {k: v for k, v in signed(MODEL, c.key, job="nosig").items() if k != "sig"}
+        w.publish("edge/dev1/updates/nosig/manifest", unsigned)
+        assert "not signed" in (await c.final("nosig"))["reason"]
+        w.publish("edge/dev1/updates/mismatch/manifest", signed(MODEL, c.key, job="other-job"))
+        assert "topic says" in (await c.final("mismatch"))["reason"]
+        # a manifest on another device's topic never reaches us
+        w.publish("edge/dev2/updates/foreign/manifest", signed(MODEL, c.key, job="foreign"))
+        # a bundle escaping its directory: rejected after download, before anything is installed
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            info = tarfile.TarInfo("../model.tflite")
+            data = MODEL.read_bytes()
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        evil = c.tmp / "evil.tar.gz"
+        evil.write_bytes(buf.getvalue())
+        result = await c.push(signed(evil, c.key, job="evil", version="2.0.0"), evil)
+        assert result.states == {"dev1": "rejected"} and "'..'" in result.reasons["dev1"]
+        assert c.installer.installed == [] and c.store_files() == []
+        assert not (c.tmp / "state" / "updates" / "model.tflite").exists()
+        assert "foreign" not in c.comp.journal.jobs and w.state("foreign") is None
+        assert c.comp.journal.jobs["evil"].state == "rejected"
+        # whole-file sha256 that does not match the bytes (no per-chunk hashes to catch it earlier)
+        body = build_manifest(MODEL, job="badsum", kind="model", name="vibration-anomaly", version="2.0.0")
+        body["sha256"] = "0" * 64
+        del body["chunk_sha256"]
+        result = await c.push(signing.sign(body, c.key, KEY_ID), MODEL)
+        assert result.states == {"dev1": "rejected"} and "sha256 mismatch" in result.reasons["dev1"]
+        assert c.installer.installed == [] and c.store_files() == []
+
+    run(tmp_path, broker, body)
+
+
+def test_bad_chunks_dropped_and_rerequested(tmp_path: Path, broker: Broker) -> None:
+    """Corrupt, oversized, out-of-range and surplus chunks are dropped; the good ones are pulled later."""
+
+    async def body(c: Ctx) -> None:
+        w = c.watcher
+        data = MODEL.read_bytes()
+        msg = signed(MODEL, c.key, job="chunky", version="2.0.0", chunk_size=8192)
+        base = "edge/dev1/updates/chunky"
+        w.publish(f"{base}/manifest", msg)
+        await async_wait_until(lambda: "chunky" in c.comp._transfers, 10)
+        parts = [data[i:i + 8192] for i in range(0, len(data), 8192)]
+        w.publish(f"{base}/chunk/0", b"\x00" * len(parts[0]))  # chunk_sha256 mismatch
+        w.publish(f"{base}/chunk/1", parts[1] + b"x" * 10)  # oversized
+        w.publish(f"{base}/chunk/{len(parts)}", parts[0])  # index out of range / more than declared
+        w.publish(f"{base}/chunk/abc", parts[0])
+        for i in range(1, len(parts)):
+            w.publish(f"{base}/chunk/{i}", parts[i])
+        # chunk 0 is missing: the device asks for exactly that one when the sender goes quiet
+        await async_wait_until(lambda: [r for r in w.requests if r["missing"] == [[0, 0]]], 15)
+        assert not (c.tmp / "state/updates/chunky/artifact").exists()
+        assert c.comp.rejected_chunks == 4
+        w.publish(f"{base}/chunk/0", parts[0])
+        assert (await c.final("chunky"))["state"] == "succeeded"
+        assert c.installer.installed == [("vibration-anomaly", "2.0.0", "chunky")]
+
+    run(tmp_path, broker, body)
+
+
+def test_truncated_transfer_expires(tmp_path: Path, broker: Broker) -> None:
+    async def body(c: Ctx) -> None:
+        msg = signed(MODEL, c.key, job="trunc", version="2.0.0", chunk_size=4096, ttl_s=3.0)
+        c.watcher.publish("edge/dev1/updates/trunc/manifest", msg)
+        await async_wait_until(lambda: "trunc" in c.comp._transfers, 10)
+        c.watcher.publish("edge/dev1/updates/trunc/chunk/0", MODEL.read_bytes()[:4096])
+        doc = await c.final("trunc", 20)
+        assert doc["state"] == "failed" and "missing when the job expired" in doc["reason"]
+        assert len([r for r in c.watcher.requests if r["job"] == "trunc"]) >= 1
+        assert c.installer.installed == [] and not (c.tmp / "state/updates/trunc/artifact.part").exists()
+
+    run(tmp_path, broker, body)
+
+
+def test_gates_defer_then_apply_by_themselves(tmp_path: Path, broker: Broker) -> None:
+    """Battery low on battery power defers with the measured value; power coming back applies it.
+    Then the busy flag defers a second job until it is cleared. Downloads run while gated."""
+
+    async def body(c: Ctx) -> None:
+        c.hub.publish_metrics({"battery_percent": 8.0, "on_external_power": False})
+        msg = signed(MODEL, c.key, job="gated", version="2.0.0", chunk_size=4096)
+        c.watcher.publish("edge/dev1/updates/gated/manifest", msg)
+        task = asyncio.create_task(c.push(msg, MODEL))
+        await async_wait_until(lambda: c.watcher.state("gated") == "deferred", 20)
+        doc = c.watcher.last["gated"]
+        assert "battery 8% < 30%" in doc["reason"] and doc["next_try"] > time.time()
+        assert c.comp.journal.jobs["gated"].progress == 1.0  # downloaded while gated
+        c.hub.publish_metrics({"battery_percent": 9.0, "on_external_power": True})
+        result = await task
+        assert result.states == {"dev1": "succeeded"}
+        await async_wait_until(lambda: c.watcher.events["gated"][-1:] == ["succeeded"], 10)
+        assert c.watcher.events["gated"][-3:] == ["deferred", "installing", "succeeded"]
+
+        c.hub.set_busy("rules", "press cycle running")
+        msg2 = signed(MODEL, c.key, job="busy", version="2.1.0", chunk_size=4096)
+        task = asyncio.create_task(c.push(msg2, MODEL))
+        await async_wait_until(lambda: c.watcher.state("busy") == "deferred", 20)
+        assert "busy (rules: press cycle running)" in c.watcher.last["busy"]["reason"]
+        c.hub.set_busy("rules", None)
+        assert (await task).states == {"dev1": "succeeded"}
+
+    run(tmp_path, broker, body, updates={"gates": {"model": {"battery_min_percent": 30.0,
+                                                             "backoff_initial_s": 30.0}}})
+
+
+def test_window_gate_and_cancel(tmp_path: Path, broker: Broker) -> None:
+    async def body(c: Ctx) -> None:
+        msg = signed(MODEL, c.key, job="win", version="2.0.0", chunk_size=4096)
+        task = asyncio.create_task(c.push(msg, MODEL, timeout_s=20))
+        await async_wait_until(lambda: c.watcher.state("win") == "deferred", 20)
+        assert "outside maintenance windows" in c.watcher.last["win"]["reason"]
+        cancel = signing.sign({"v": 1, "job": "win"}, c.key, KEY_ID)
+        forged = {**cancel, "job": "win", "sig": {**cancel["sig"], "key_id": "nobody"}}
+        c.watcher.publish("edge/dev1/updates/win/cancel", forged)  # ignored: not trusted
+        c.watcher.publish("edge/dev1/updates/win/cancel", cancel)
+        assert (await task).states == {"dev1": "cancelled"}
+        assert c.installer.installed == []
+        assert sorted(p.name for p in (c.tmp / "state/updates/win").iterdir()) == ["log.txt"]
+
+    # a window that is never open now: one minute, 12 hours away from the current local time
+    hour = (time.localtime().tm_hour + 12) % 24
+    run(tmp_path, broker, body, updates={"gates": {"model": {
+        "maintenance_windows": [f"Mon-Sun {hour:02d}:00-{hour:02d}:01"]}}})
+
+
+def test_job_applies_by_itself_when_the_window_opens(tmp_path: Path, broker: Broker) -> None:
+    clock = [datetime(2026, 11, 25, 1, 59, 30)]  # a Wednesday, 30 s before the window
+
+    async def body(c: Ctx) -> None:
+        msg = signed(MODEL, c.key, job="night", version="2.0.0", chunk_size=4096)
+        task = asyncio.create_task(c.push(msg, MODEL))
+        await async_wait_until(lambda: c.watcher.state("night") == "deferred", 20)
+        doc = c.watcher.last["night"]
+        assert "next opens Wed 02:00" in doc["reason"]
+        assert 1 <= doc["next_try"] - time.time() <= 31  # exactly when the window opens, not a backoff
+        clock[0] += timedelta(minutes=1)  # 02:00:30: inside the window
+        c.hub.notify_changed()  # any context change re-evaluates at once
+        assert (await task).states == {"dev1": "succeeded"}
+
+    run(tmp_path, broker, body, local_now=lambda: clock[0],
+        updates={"gates": {"model": {"maintenance_windows": ["Mon-Fri 02:00-04:30"]}}})
+
+
+def test_group_topic_and_failed_model(tmp_path: Path, broker: Broker) -> None:
+    async def body(c: Ctx) -> None:
+        msg = signed(MODEL, c.key, job="grp", version="2.0.0", chunk_size=4096)
+        result = await c.push(msg, MODEL, device=None, group="line1")
+        assert result.states == {"dev1": "rolled_back"}
+        assert "NaN outputs during probation" in result.reasons["dev1"]
+        log = (c.tmp / "state/updates/grp/log.txt").read_text()
+        assert "rolled_back" in log and "NaN" in log
+        status = await c.final("grp")
+        assert status["kind"] == "model" and status["version"] == "2.0.0"
+        assert {status["state"]} <= protocol.FINAL_JOB_STATES
+
+    run(tmp_path, broker, body, installer_fail="rollback")
