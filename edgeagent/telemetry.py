@@ -1,0 +1,83 @@
+"""Telemetry samples: the monitor's metrics plus inference and spool figures, into the spool.
+
+One sample every `telemetry.interval_s x hub.factor("telemetry")` (power_save slows it down). A
+sample is `{"seq","ts","metrics","inference","spool"}`; the spool numbers it (`seq`, persisted)
+and keeps it until the broker acknowledged it. Batching (`telemetry.batch_max` samples per
+message, `telemetry.batch_wait_s`) happens when publishing, so every sample is durable at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from types import TracebackType
+from typing import Any
+
+from edgeagent.hub import Hub
+from edgeagent.logs import Once
+from edgeagent.transport.outbox import SampleSink
+
+log = logging.getLogger(__name__)
+_once = Once(log)
+
+
+def build_sample(metrics: dict[str, Any], sections: dict[str, dict[str, Any]], ts: float) -> dict[str, Any]:
+    """A sample without its seq (the spool assigns it); absent sections are omitted."""
+    sample: dict[str, Any] = {"ts": ts, "metrics": dict(metrics)}
+    for name in ("inference", "spool"):
+        if name in sections:
+            sample[name] = sections[name]
+    return sample
+
+
+class TelemetryComponent:
+    name = "telemetry"
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.samples = 0
+        self.last_seq = 0
+
+    async def __aenter__(self) -> TelemetryComponent:
+        self.hub.providers["telemetry"] = self.section
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.sample_now()  # the last word before the transport flushes and says "offline"
+        self.hub.providers.pop("telemetry", None)
+
+    def section(self) -> dict[str, Any]:
+        return {"samples": self.samples, "last_seq": self.last_seq, "interval_s": self._interval_s()}
+
+    def _interval_s(self) -> float:
+        return self.hub.config.telemetry.interval_s * self.hub.factor(self.name)
+
+    def sample_now(self) -> int | None:
+        """Build one sample and spool it; returns its seq (0 while the spool cannot be written and
+        the sample waits in memory, None without a spool)."""
+        sink = self.hub.outbox
+        if not isinstance(sink, SampleSink):
+            _once.warning("nosink", "no spool-backed outbox (transport not running); sample dropped")
+            return None
+        sections = self.hub.sections()
+        sections.pop("telemetry", None)
+        seq = sink.add_sample(build_sample(self.hub.metrics, sections, time.time()))
+        self.samples += 1
+        if seq:  # 0: the spool could not be written now; the sample waits in memory for its seq
+            self.last_seq = seq
+        return seq
+
+    async def run(self) -> None:
+        last = -math.inf
+        while True:
+            interval = self._interval_s()
+            due = last + interval
+            now = time.monotonic()
+            if now < due:
+                await self.hub.sleep_or_change(due - now)
+                continue
+            # keep the rate (no drift) unless we fell more than one interval behind
+            last = due if now - due < interval else now
+            self.sample_now()

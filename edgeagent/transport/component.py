@@ -1,0 +1,105 @@
+"""TransportComponent: opens the spool, becomes the hub's outbox and router, runs the MQTT session.
+
+Entered right after the monitor, so every later component finds the spool-backed outbox and the
+session's router on the hub. The session lives from enter to exit (not in `run`), because at stop
+the agent cancels every `run` first and the telemetry component flushes its last sample only in
+its own exit: our exit then publishes what is pending for a moment, says "offline"/"shutdown" and
+disconnects cleanly. With `mqtt.host` empty the agent is offline: the spool still records
+everything (bounded) and nothing is published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+from typing import Any
+
+from edgeagent.hub import Hub, OfflineRouter
+from edgeagent.protocol import status_online
+from edgeagent.transport.outbox import SpoolOutbox
+from edgeagent.transport.router import SessionRouter
+from edgeagent.transport.session import Session
+from edgeagent.transport.spool import Spool
+
+log = logging.getLogger(__name__)
+
+SPOOL_FILE = "spool.sqlite"
+MB = 1024 * 1024
+HOUSEKEEPING_S = 5.0
+DEFERRED_RETRY_S = 1.0  # while writes wait in memory (disk full), try the spool this often
+
+
+def status_payload(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The retained "online" status: model "name@version" and firmware {"version","slot"} if known."""
+    model = None
+    spec = sections.get("inference", {}).get("model")
+    if isinstance(spec, str) and spec:
+        name, _, version = spec.partition("@")
+        model = {"name": name, "version": version}
+    firmware = None
+    fw = sections.get("firmware")
+    if isinstance(fw, dict) and fw.get("version"):
+        firmware = {"version": str(fw["version"]), "slot": str(fw.get("slot", ""))}
+    return status_online(model=model, firmware=firmware)
+
+
+class TransportComponent:
+    name = "transport"
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.spool: Spool | None = None
+        self.outbox: SpoolOutbox | None = None
+        self.session: Session | None = None
+
+    async def __aenter__(self) -> TransportComponent:
+        hub = self.hub
+        cfg = hub.config
+        spool = Spool(cfg.state_dir / SPOOL_FILE, int(cfg.spool.max_mb * MB), cfg.device.id)
+        recovered = await asyncio.to_thread(spool.open)
+        self.spool = spool
+        self.outbox = outbox = SpoolOutbox(spool, hub.topics)
+        hub.set_outbox(outbox)
+        if recovered is not None:
+            outbox.report_recovered(recovered)
+        hub.providers["spool"] = lambda: {**spool.stats(), "deferred": outbox.deferred, "lost": outbox.lost}
+        if not cfg.mqtt.host:
+            log.info("no broker configured (mqtt.host is empty): offline, spooling only")
+            hub.providers["mqtt"] = lambda: {"connected": False, "since": None, "rtt_ms": None,
+                                             "reconnects": 0, "offline": True}
+            return self
+        router = SessionRouter()
+        previous = hub.router
+        if isinstance(previous, OfflineRouter):  # subscriptions made before us are kept
+            for topic_filter, handler in previous.subscriptions:
+                router.subscribe(topic_filter, handler)
+        hub.router = router
+        self.session = Session(lambda: self.hub.config, hub.topics, spool, outbox, router,
+                               lambda: status_payload(self.hub.sections()))
+        hub.providers["mqtt"] = self.session.provider
+        self.session.start()
+        return self
+
+    async def run(self) -> None:
+        """Housekeeping: apply a live spool.max_mb change, retry writes that failed (disk full),
+        report drops of a full spool."""
+        while True:
+            if self.spool is not None:
+                self.spool.max_bytes = max(1, int(self.hub.config.spool.max_mb * MB))
+            if self.outbox is not None:
+                self.outbox.retry_deferred()
+                self.outbox.report_drops()
+            busy = self.outbox is not None and self.outbox.deferred > 0
+            await self.hub.sleep_or_change(DEFERRED_RETRY_S if busy else HOUSEKEEPING_S)
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        budget_s = self.hub.config.agent.shutdown_timeout_s
+        try:
+            if self.session is not None:
+                await self.session.shutdown(flush_s=min(3.0, budget_s * 0.3),
+                                            close_s=min(5.0, budget_s * 0.4))
+        finally:
+            if self.spool is not None:
+                await asyncio.to_thread(self.spool.close)

@@ -1,0 +1,124 @@
+"""Routes incoming MQTT messages to the handlers that capabilities registered, one queue each.
+
+A slow handler must not stall the message loop or the other handlers, so each subscription has
+its own bounded queue and worker task. When a queue is full the oldest waiting message is dropped
+and counted (the protocol recovers: chunks are re-requested, desired config is retained).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from paho.mqtt.client import topic_matches_sub
+
+from edgeagent.hub import Handler
+from edgeagent.logs import Once
+
+log = logging.getLogger(__name__)
+_once = Once(log)
+
+HANDLER_QUEUE_MAX = 1024
+
+
+@dataclass
+class Subscription:
+    topic_filter: str
+    handler: Handler
+    queue: asyncio.Queue[tuple[str, bytes]] = field(
+        default_factory=lambda: asyncio.Queue(maxsize=HANDLER_QUEUE_MAX))
+    dropped: int = 0
+    errors: int = 0
+    task: asyncio.Task[None] | None = None
+
+
+class SessionRouter:
+    """The hub's `Router` while a broker is configured; the session subscribes what it holds."""
+
+    def __init__(self) -> None:
+        self.subscriptions: list[Subscription] = []
+        self._connected = asyncio.Event()
+        self._new_filter = asyncio.Event()  # the session subscribes new filters while connected
+        self._running = False
+        self.active: set[str] = set()  # filters the broker acknowledged on this connection
+
+    # -- Router protocol
+    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+        sub = Subscription(topic_filter, handler)
+        self.subscriptions.append(sub)
+        if self._running:
+            self._start_worker(sub)
+        self._new_filter.set()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    # -- session side
+    def set_connected(self, value: bool) -> None:
+        if value:
+            self._connected.set()
+        else:
+            self._connected.clear()
+            self.active.clear()
+
+    @property
+    def filters(self) -> list[str]:
+        return list(dict.fromkeys(s.topic_filter for s in self.subscriptions))
+
+    async def wait_new_filter(self) -> None:
+        await self._new_filter.wait()
+        self._new_filter.clear()
+
+    def dispatch(self, topic: str, payload: bytes) -> int:
+        """Queue the message for every matching handler; returns how many matched."""
+        matched = 0
+        for sub in self.subscriptions:
+            if not topic_matches_sub(sub.topic_filter, topic):
+                continue
+            matched += 1
+            if sub.queue.full():
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    sub.queue.get_nowait()
+                sub.dropped += 1
+                _once.warning(f"full:{sub.topic_filter}", "handler queue full; dropped the oldest message",
+                              extra={"kv": {"filter": sub.topic_filter, "dropped": sub.dropped}})
+            sub.queue.put_nowait((topic, payload))
+        return matched
+
+    def start(self) -> None:
+        self._running = True
+        for sub in self.subscriptions:
+            if sub.task is None:
+                self._start_worker(sub)
+
+    def _start_worker(self, sub: Subscription) -> None:
+        sub.task = asyncio.create_task(self._worker(sub), name=f"mqtt-handler:{sub.topic_filter}")
+
+    async def stop(self) -> None:
+        self._running = False
+        tasks = [s.task for s in self.subscriptions if s.task is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        for s in self.subscriptions:
+            s.task = None
+
+    async def _worker(self, sub: Subscription) -> None:
+        while True:
+            topic, payload = await sub.queue.get()
+            try:
+                await sub.handler(topic, payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                sub.errors += 1
+                log.exception("message handler failed", extra={"kv": {"filter": sub.topic_filter,
+                                                                       "topic": topic}})

@@ -1,0 +1,390 @@
+"""The MQTT session to the cloud broker: connect forever, presence, subscriptions, publishing.
+
+One long-lived task (`mqtt-session`) loops: connect (MQTT 5 or 3.1.1, TLS/mTLS, persistent
+session, last will "offline"/"connection-lost") -> publish retained "online" -> (re)subscribe the
+router's filters -> run the receiver, the spool publisher, the pinger and the late-subscriber until
+one of them fails -> reconnect after an exponential backoff with jitter. `shutdown()` lets the
+publisher flush for a moment, publishes "offline"/"shutdown" and disconnects cleanly, so the broker
+does not send the last will.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgeagent.config import Config, MqttConfig
+from edgeagent.errors import EdgeAgentError
+from edgeagent.logs import Once
+from edgeagent.protocol import Topics, dumps, status_offline
+from edgeagent.transport.outbox import SpoolOutbox
+from edgeagent.transport.publisher import Publisher, PublishStats
+from edgeagent.transport.router import SessionRouter
+from edgeagent.transport.spool import Spool
+
+log = logging.getLogger(__name__)
+
+PING_INTERVAL_S = 30.0
+FIRST_PING_S = 1.0
+STABLE_CONNECTION_S = 30.0  # a connection that lasted this long resets the backoff
+
+
+class ConnectFailed(EdgeAgentError):
+    """The broker could not be reached or refused us; `reason` is what to tell the operator."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        self.host = host
+        self.port = port
+        self.reason = reason
+        super().__init__(f"cannot connect to {host}:{port}: {reason}")
+
+
+def backoff_s(attempt: int, initial_s: float, max_s: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with jitter: attempt 1 waits about initial_s, doubling up to max_s."""
+    base = min(max_s, initial_s * 2 ** max(0, min(attempt - 1, 40)))
+    return float(base * (rng or random).uniform(0.5, 1.0))
+
+
+class _PahoErrors(logging.Handler):
+    """Keeps paho's last error line (e.g. the TLS alert behind a refused client certificate)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.last: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.last = record.getMessage()
+        except Exception:  # a logging handler must never raise
+            self.last = str(record.msg)
+
+
+def describe_error(exc: BaseException, paho_error: str | None) -> str:
+    """One clear line for a failed connect: the TLS problem, the CONNACK reason, or the OS error."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, aiomqtt.MqttCodeError) and exc.rc is not None:
+        text = f"refused by broker: {exc}"
+    if paho_error and (text in ("Operation timed out", "") or "connection lost" in text.lower()):
+        text = paho_error
+    return text
+
+
+class Session:
+    def __init__(self, config: Callable[[], Config], topics: Topics, spool: Spool, outbox: SpoolOutbox,
+                 router: SessionRouter, status: Callable[[], dict[str, Any]]) -> None:
+        self._config = config
+        self.topics = topics
+        self.spool = spool
+        self.outbox = outbox
+        self.router = router
+        self._status = status
+        self.connected_since: float | None = None
+        self.rtt_ms: float | None = None
+        self.connects = 0
+        self.failed_connects = 0
+        self.last_error: str | None = None
+        self.refused = 0  # publishes the broker acknowledged with a failure reason (MQTT 5)
+        self.stats = PublishStats()
+        self._stop = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._publisher: Publisher | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._once = Once(log)
+        self._paho_errors = _PahoErrors()
+        self._paho_log = logging.getLogger(f"edgeagent.transport.paho.{id(self):x}")
+        self._paho_log.propagate = False
+        self._paho_log.setLevel(logging.ERROR)
+        self._paho_log.addHandler(self._paho_errors)
+        self._pings: dict[int, float] = {}
+        self._ping_ids = itertools.count(1)
+
+    @property
+    def ping_topic(self) -> str:
+        return f"{self.topics.base}/ping"
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def provider(self) -> dict[str, Any]:
+        return {"connected": self.connected, "since": self.connected_since, "rtt_ms": self.rtt_ms,
+                "reconnects": max(0, self.connects - 1), "last_error": self.last_error,
+                "refused": self.refused, "failed_connects": self.failed_connects,
+                "published_messages": self.stats.messages, "published_samples": self.stats.samples}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.router.start()
+        self._task = asyncio.create_task(self._run(), name="mqtt-session")
+
+    async def shutdown(self, flush_s: float, close_s: float) -> None:
+        """Flush pending rows for up to flush_s, then publish "shutdown" and disconnect cleanly."""
+        pub = self._publisher
+        if pub is not None and self.connected:
+            pub.flushing = True
+            self.outbox.wakeup.set()
+            deadline = time.monotonic() + flush_s
+            while self.spool.count or self.spool.states_pending:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.connected:
+                    break
+                pub.progress.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(pub.progress.wait(), left)
+        self._stop.set()
+        task = self._task
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), close_s)
+            except asyncio.TimeoutError:
+                log.warning("MQTT session did not close in time; cancelling it")
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            except Exception:
+                log.exception("MQTT session ended with an error")
+        await self.router.stop()
+        self._paho_log.removeHandler(self._paho_errors)
+
+    # ------------------------------------------------------------------ connect loop
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            cfg = self._config()
+            m = cfg.mqtt
+            try:
+                client = self._make_client(cfg)
+                await self._connect(client, m)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                attempt += 1
+                self.failed_connects += 1
+                reason = exc.reason if isinstance(exc, ConnectFailed) else f"{type(exc).__name__}: {exc}"
+                await self._retry_later(m, attempt, f"cannot connect to broker {m.host}:{m.port}: {reason}",
+                                        reason)
+                continue
+            started = time.monotonic()
+            self.connects += 1
+            self._once.reset("lost")
+            log.info("connected to broker", extra={"kv": {"host": m.host, "port": m.port,
+                                                          "client_id": cfg.client_id,
+                                                          "protocol": m.protocol}})
+            try:
+                try:
+                    await self._connected_phase(client, cfg)
+                finally:
+                    self._set_connected(False)
+                    with contextlib.suppress(Exception, asyncio.TimeoutError):
+                        await asyncio.wait_for(client.__aexit__(None, None, None), m.connect_timeout_s)
+                # clean stop: the broker got DISCONNECT, so it will not send the last will
+                log.info("disconnected from broker", extra={"kv": {"reason": "shutdown"}})
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if time.monotonic() - started >= STABLE_CONNECTION_S:
+                    attempt = 0
+                attempt += 1
+                reason = f"{type(exc).__name__}: {exc}"
+                await self._retry_later(m, attempt, f"connection to broker lost: {reason}", "lost")
+
+    async def _retry_later(self, m: MqttConfig, attempt: int, message: str, key: str) -> None:
+        delay = backoff_s(attempt, m.reconnect_initial_s, m.reconnect_max_s)
+        self.last_error = message
+        self._once.warning(key, "%s; retrying in %.1fs", message, delay,
+                           extra={"kv": {"attempt": attempt, "retry_in_s": round(delay, 2)}})
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), delay)
+
+    def _make_client(self, cfg: Config) -> aiomqtt.Client:
+        m = cfg.mqtt
+        v5 = m.protocol == "5"
+        will = aiomqtt.Will(self.topics.status, dumps(status_offline("connection-lost")), qos=1, retain=True)
+        tls_params = None
+        if m.tls.enabled:
+            tls_params = aiomqtt.TLSParameters(
+                ca_certs=m.tls.ca_file or None, certfile=m.tls.cert_file or None,
+                keyfile=m.tls.key_file or None, tls_version=ssl.PROTOCOL_TLS_CLIENT,
+                cert_reqs=ssl.CERT_NONE if m.tls.insecure_skip_verify else ssl.CERT_REQUIRED)
+        props = None
+        if v5 and m.session_expiry_s > 0:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = m.session_expiry_s
+        kwargs: dict[str, Any] = {}
+        if v5:
+            kwargs["clean_start"] = m.session_expiry_s == 0
+            kwargs["properties"] = props
+        else:
+            kwargs["clean_session"] = m.session_expiry_s == 0
+        client = aiomqtt.Client(
+            m.host, m.port, identifier=cfg.client_id, username=m.username or None,
+            password=m.password or None, logger=self._paho_log,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            will=will, keepalive=m.keepalive_s, timeout=m.connect_timeout_s, tls_params=tls_params,
+            tls_insecure=True if (m.tls.enabled and m.tls.insecure_skip_verify) else None,
+            max_inflight_messages=20, **kwargs)
+        client.pending_calls_threshold = 10_000  # our window bounds in-flight calls; no warning spam
+        paho = client._client
+        on_publish = paho.on_publish
+
+        def refused(*args: Any) -> None:
+            # MQTT 5 PUBACK reason >= 0x80 (e.g. the ACL said no): the row is still deleted, since
+            # a retry would be refused again, but the operator must hear about it
+            rc = args[3] if len(args) > 3 else None
+            if getattr(rc, "is_failure", False):
+                self.refused += 1
+                self._once.warning(f"refused:{rc}", "broker refused a publish: %s", rc,
+                                   extra={"kv": {"refused": self.refused}})
+            if on_publish is not None:
+                on_publish(*args)
+
+        paho.on_publish = refused
+        return client
+
+    async def _connect(self, client: aiomqtt.Client, m: MqttConfig) -> None:
+        """client.__aenter__, but a connection the broker drops before CONNACK (a refused client
+        certificate) fails at once with paho's reason instead of waiting for the timeout."""
+        loop = asyncio.get_running_loop()
+        dropped: asyncio.Future[Any] = loop.create_future()
+        paho = client._client
+        original = paho.on_disconnect
+
+        def on_disconnect(*args: Any) -> None:
+            def note() -> None:
+                if not dropped.done():
+                    dropped.set_result(str(args[3]) if len(args) > 3 else "disconnected")
+            loop.call_soon_threadsafe(note)
+            if original is not None:
+                original(*args)
+
+        paho.on_disconnect = on_disconnect
+        self._paho_errors.last = None
+        enter: asyncio.Future[Any] = asyncio.ensure_future(client.__aenter__())
+        try:
+            done, _ = await asyncio.wait({enter, dropped}, timeout=m.connect_timeout_s + 1.0,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            enter.cancel()
+            raise
+        if enter in done:
+            try:
+                enter.result()
+            except Exception as exc:
+                raise ConnectFailed(m.host, m.port, describe_error(exc, self._paho_errors.last)) from exc
+            return
+        enter.cancel()
+        with contextlib.suppress(BaseException):
+            await enter
+        with contextlib.suppress(Exception):
+            paho.disconnect()
+        reason = self._paho_errors.last or (dropped.result() if dropped.done() else "no CONNACK in time")
+        raise ConnectFailed(m.host, m.port, f"connection closed before CONNACK: {reason}")
+
+    # ------------------------------------------------------------------ connected
+
+    async def _connected_phase(self, client: aiomqtt.Client, cfg: Config) -> None:
+        timeout_s = max(5.0, float(cfg.mqtt.keepalive_s))
+        await client.publish(self.topics.status, dumps(self._status()), qos=1, retain=True,
+                             timeout=timeout_s)
+        subscribed: set[str] = set()
+        await self._subscribe(client, [self.ping_topic, *self.router.filters], subscribed, timeout_s)
+        self._set_connected(True)
+        publisher = Publisher(self.spool, self.outbox, self.topics, self._config, self.stats)
+        self._publisher = publisher
+        tasks = [
+            asyncio.create_task(self._receive(client), name="mqtt-receive"),
+            asyncio.create_task(publisher.run(client, timeout_s), name="mqtt-publish-spool"),
+            asyncio.create_task(self._late_subscribe(client, subscribed, timeout_s), name="mqtt-subscribe"),
+            asyncio.create_task(self._ping(client), name="mqtt-ping"),
+        ]
+        stop = asyncio.create_task(self._stop.wait(), name="mqtt-stop")
+        try:
+            done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (*tasks, stop):
+                t.cancel()
+            for t in (*tasks, stop):
+                with contextlib.suppress(BaseException):
+                    await t
+            self._publisher = None
+        if stop in done:
+            await client.publish(self.topics.status, dumps(status_offline("shutdown", time.time())), qos=1,
+                                 retain=True, timeout=min(timeout_s, 3.0))
+            return
+        for t in tasks:
+            exc = t.exception() if t in done and not t.cancelled() else None
+            if exc is not None:
+                raise exc
+        raise ConnectionError("a session task ended unexpectedly")
+
+    def _set_connected(self, value: bool) -> None:
+        if value:
+            self._connected.set()
+            self.connected_since = time.time()
+        else:
+            self._connected.clear()
+            self.connected_since = None
+        self.router.set_connected(value)
+
+    async def _subscribe(self, client: aiomqtt.Client, filters: list[str], subscribed: set[str],
+                         timeout_s: float) -> None:
+        for f in filters:
+            if f in subscribed:
+                continue
+            codes = await client.subscribe(f, qos=1, timeout=timeout_s)
+            subscribed.add(f)
+            self.router.active.add(f)
+            refused = [c for c in codes if (getattr(c, "value", c) or 0) >= 0x80]
+            if refused:
+                self._once.warning(f"suback:{f}", "broker refused a subscription",
+                                   extra={"kv": {"filter": f, "reason": str(refused[0])}})
+
+    async def _late_subscribe(self, client: aiomqtt.Client, subscribed: set[str], timeout_s: float) -> None:
+        while True:
+            await self.router.wait_new_filter()
+            await self._subscribe(client, self.router.filters, subscribed, timeout_s)
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            topic = message.topic.value
+            payload = message.payload if isinstance(message.payload, bytes) else (
+                str(message.payload).encode() if message.payload is not None else b"")
+            if topic == self.ping_topic:
+                self._pong(payload)
+                continue
+            if not self.router.dispatch(topic, payload):
+                log.debug("message without a handler", extra={"kv": {"topic": topic}})
+        raise ConnectionError("message stream ended")
+
+    async def _ping(self, client: aiomqtt.Client) -> None:
+        """A QoS 0 round trip through the broker on P/D/ping: the updates gates' network quality."""
+        await asyncio.sleep(FIRST_PING_S)
+        while True:
+            n = next(self._ping_ids)
+            self._pings = {k: v for k, v in self._pings.items() if time.monotonic() - v < 2 * PING_INTERVAL_S}
+            self._pings[n] = time.monotonic()
+            await client.publish(self.ping_topic, dumps({"v": 1, "n": n}), qos=0)
+            await asyncio.sleep(PING_INTERVAL_S)
+
+    def _pong(self, payload: bytes) -> None:
+        try:
+            n = json.loads(payload)["n"]
+            sent = self._pings.pop(int(n))
+        except (ValueError, KeyError, TypeError):
+            return  # not ours (another session of the same device, or a stray message)
+        self.rtt_ms = round((time.monotonic() - sent) * 1000.0, 2)

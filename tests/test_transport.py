@@ -1,0 +1,340 @@
+"""The transport in-process against a real Mosquitto: store-and-forward, router, states, presence."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from edgeagent.hub import Hub
+from edgeagent.protocol import dumps
+from edgeagent.telemetry import TelemetryComponent
+from edgeagent.transport import Spool, TransportComponent
+from edgeagent.transport.router import SessionRouter
+from tests.broker import Broker
+from tests.transport_util import Observer, contiguous, make_config
+from tests.util import async_wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def test_backlog_is_drained_without_starving_live_samples(tmp_path: Path) -> None:
+    broker = Broker(workdir=tmp_path / "broker").start()
+    obs = Observer(broker.port)
+    broker.stop()  # the device starts during an outage
+
+    async def main() -> None:
+        cfg = make_config(tmp_path / "state", broker.port, telemetry={"batch_max": 1})
+        hub = Hub(cfg)
+        async with TransportComponent(hub) as transport:
+            tel = TelemetryComponent(hub)
+            for _ in range(3000):
+                tel.sample_now()
+            assert transport.spool is not None and transport.spool.count == 3000
+            await asyncio.to_thread(broker.start)
+            await async_wait_until(lambda: obs.seqs(), 20, message="draining started")
+            live = tel.sample_now()
+            assert live == 3001
+            await async_wait_until(lambda: contiguous(obs.seqs(), 1, 3001), 30, message="all samples")
+            order = obs.seqs()
+            # the live sample overtook the backlog: it arrived before the backlog's last sample
+            assert order.index(3001) < order.index(3000)
+            await async_wait_until(lambda: transport.spool is not None and transport.spool.count == 0, 10)
+
+    try:
+        asyncio.run(main())
+    finally:
+        obs.close()
+        broker.stop()
+
+
+def test_samples_are_batched_and_every_seq_arrives(tmp_path: Path, broker: Broker) -> None:
+    obs = Observer(broker.port)
+
+    async def main() -> None:
+        cfg = make_config(tmp_path / "state", broker.port,
+                          telemetry={"batch_max": 5, "batch_wait_s": 0.3, "interval_s": 0.02})
+        hub = Hub(cfg)
+        async with TransportComponent(hub):
+            async with TelemetryComponent(hub) as tel:
+                task = asyncio.create_task(tel.run())
+                await async_wait_until(lambda: len(obs.seqs()) >= 40, 20)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            last = tel.last_seq  # the exit sample included
+        await async_wait_until(lambda: contiguous(obs.seqs(), 1, last), 10)
+        sizes = [len(m["samples"]) for m in obs.on("edge/dev1/telemetry")]
+        assert max(sizes) == 5 and all(1 <= s <= 5 for s in sizes)
+        assert sum(sizes) >= last
+
+    try:
+        asyncio.run(main())
+    finally:
+        obs.close()
+
+
+def test_presence_online_then_shutdown_and_events(tmp_path: Path, broker: Broker) -> None:
+    obs = Observer(broker.port)
+
+    async def main() -> None:
+        hub = Hub(make_config(tmp_path / "state", broker.port))
+        hub.providers["inference"] = lambda: {"model": "vibration-anomaly@1.2.0"}
+        hub.providers["firmware"] = lambda: {"version": "2026.11.1", "slot": "A"}
+        hub.emit_event("update", "info", "emitted before the transport existed")
+        async with TransportComponent(hub):
+            await async_wait_until(lambda: obs.on("edge/dev1/status"), 10)
+            status = obs.on("edge/dev1/status")[0]
+            assert status["state"] == "online" and status["v"] == 1
+            assert status["model"] == {"name": "vibration-anomaly", "version": "1.2.0"}
+            assert status["firmware"] == {"version": "2026.11.1", "slot": "A"}
+            hub.emit_event("rule", "warning", "hot", {"temp_c": 80})
+            await async_wait_until(lambda: len(obs.on("edge/dev1/events")) == 2, 10)
+            events = obs.on("edge/dev1/events")
+            assert [e["seq"] for e in events] == [1, 2]
+            assert events[1]["data"] == {"temp_c": 80} and events[1]["device"] == "dev1"
+            await async_wait_until(lambda: hub.sections()["mqtt"]["rtt_ms"] is not None, 10)
+        await async_wait_until(lambda: obs.on("edge/dev1/status")[-1].get("reason") == "shutdown", 10)
+        assert obs.on("edge/dev1/status")[-1]["state"] == "offline"
+
+    try:
+        asyncio.run(main())
+    finally:
+        obs.close()
+    # retained: a newcomer sees "offline"/"shutdown", not the last will
+    late = Observer(broker.port, ("edge/dev1/status",), client_id="late")
+    try:
+        from tests.util import wait_until
+
+        wait_until(lambda: late.on("edge/dev1/status"), 10)
+        assert late.on("edge/dev1/status")[-1]["reason"] == "shutdown"
+    finally:
+        late.close()
+
+
+def test_router_runs_handlers_apart_and_survives_errors(tmp_path: Path, broker: Broker,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    obs = Observer(broker.port, ("nothing/#",))
+
+    async def main() -> None:
+        hub = Hub(make_config(tmp_path / "state", broker.port))
+        fast: list[bytes] = []
+        release = asyncio.Event()
+        slow: list[bytes] = []
+
+        async def slow_handler(topic: str, payload: bytes) -> None:
+            await release.wait()
+            slow.append(payload)
+
+        async def fast_handler(topic: str, payload: bytes) -> None:
+            if payload == b"boom":
+                raise ValueError("bad payload")
+            fast.append(payload)
+
+        async with TransportComponent(hub):
+            hub.router.subscribe("edge/dev1/config/desired", slow_handler)
+            await asyncio.wait_for(hub.router.wait_connected(), 10)
+            # subscribed after connect: the session subscribes it at once
+            hub.router.subscribe("edge/dev1/updates/+/#", fast_handler)
+            router = hub.router
+            assert isinstance(router, SessionRouter)
+            await async_wait_until(lambda: "edge/dev1/updates/+/#" in router.active, 5)
+            obs.publish("edge/dev1/config/desired", b"c1")
+            for i, p in enumerate([b"m0", b"boom", b"m2"]):
+                await asyncio.to_thread(obs.publish, f"edge/dev1/updates/j{i}/manifest", p)
+            await async_wait_until(lambda: fast == [b"m0", b"m2"], 10)
+            assert slow == []  # still blocked, and it did not hold up the other handler
+            release.set()
+            await async_wait_until(lambda: slow == [b"c1"], 10)
+        assert any("message handler failed" in r.getMessage() for r in caplog.records)
+
+    try:
+        with caplog.at_level(logging.ERROR):
+            asyncio.run(main())
+    finally:
+        obs.close()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_commands_sent_while_offline_arrive_after_reconnect(protocol: str, tmp_path: Path,
+                                                            broker: Broker) -> None:
+    obs = Observer(broker.port, ("nothing/#",))
+    got: list[tuple[str, bytes]] = []
+
+    async def handler(topic: str, payload: bytes) -> None:
+        got.append((topic, payload))
+
+    async def run_once(until_connected: bool) -> None:
+        hub = Hub(make_config(tmp_path / "state", broker.port, mqtt={"protocol": protocol}))
+        hub.router.subscribe("edge/dev1/updates/+/#", handler)
+        async with TransportComponent(hub):
+            await asyncio.wait_for(hub.router.wait_connected(), 10)
+            if not until_connected:
+                await async_wait_until(lambda: got, 10)
+
+    try:
+        asyncio.run(run_once(True))  # creates the persistent session, then stops cleanly
+        obs.publish("edge/dev1/updates/j7/manifest", b'{"v":1,"job":"j7"}')  # device is offline
+        asyncio.run(run_once(False))
+        assert got == [("edge/dev1/updates/j7/manifest", b'{"v":1,"job":"j7"}')]
+    finally:
+        obs.close()
+
+
+def test_states_last_value_wins_and_are_retained(tmp_path: Path, broker: Broker) -> None:
+    obs = Observer(broker.port)
+    broker.stop()
+
+    async def main() -> None:
+        hub = Hub(make_config(tmp_path / "state", broker.port))
+        async with TransportComponent(hub) as transport:
+            topic = hub.topics.config_reported
+            hub.outbox.put_state(topic, {"v": 1, "version": 1})
+            hub.outbox.put_state(topic, {"v": 1, "version": 2})
+            hub.outbox.put_message(hub.topics.job_request("j1"), {"v": 1, "job": "j1", "missing": [[0, 3]]})
+            await asyncio.to_thread(broker.start)
+            await async_wait_until(lambda: obs.on(topic), 20)
+            await async_wait_until(lambda: transport.spool is not None and transport.spool.states_pending == 0
+                                   and transport.spool.count == 0, 10)
+            # only the last value went out (the observer may see it twice: live and as retained)
+            assert {m["version"] for m in obs.on(topic)} == {2}
+            assert obs.on("edge/dev1/updates/j1/request") == [{"v": 1, "job": "j1", "missing": [[0, 3]]}]
+            hub.outbox.put_state(topic, {"v": 1, "version": 3})  # while connected: sent at once
+            await async_wait_until(lambda: obs.on(topic)[-1]["version"] == 3, 10)
+
+    try:
+        asyncio.run(main())
+    finally:
+        obs.close()
+    late = Observer(broker.port, ("edge/dev1/config/reported",), client_id="late")
+    try:
+        from tests.util import wait_until
+
+        wait_until(lambda: late.on("edge/dev1/config/reported"), 10)
+        assert late.on("edge/dev1/config/reported")[-1]["version"] == 3
+    finally:
+        late.close()
+
+
+def test_offline_mode_spools_quietly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        hub = Hub(make_config(tmp_path / "state", None, spool={"max_mb": 0.01}))
+        async with TransportComponent(hub) as transport:
+            tel = TelemetryComponent(hub)
+            hub.publish_metrics({"cpu_percent": 5.0, "pad": "x" * 300})
+            spool = transport.spool
+            assert spool is not None
+            for _ in range(1000):
+                tel.sample_now()
+                if spool.dropped_total:
+                    break
+            assert hub.sections()["mqtt"]["connected"] is False
+            assert spool.bytes <= spool.max_bytes
+            assert spool.dropped["samples"] > 0
+            assert hub.sections()["spool"]["dropped"] == spool.dropped_total
+            rows = await asyncio.to_thread(spool.fetch, 0, None, 1000)
+            events = [json.loads(r.payload) for r in rows if r.kind == "E"]
+            assert any("spool full" in e["message"] and e["kind"] == "error" for e in events)
+
+    with caplog.at_level(logging.WARNING, logger="edgeagent.transport.session"):
+        asyncio.run(main())
+    assert not [r for r in caplog.records if r.name.startswith("edgeagent.transport.session")]
+
+
+def test_corrupt_spool_is_moved_aside_and_reported(tmp_path: Path, broker: Broker) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "spool.sqlite").write_bytes(b"\x00garbage" * 512)
+    obs = Observer(broker.port)
+
+    async def main() -> Path:
+        hub = Hub(make_config(state, broker.port))
+        async with TransportComponent(hub):
+            TelemetryComponent(hub).sample_now()
+            await async_wait_until(lambda: obs.on("edge/dev1/events") and obs.seqs(), 10)
+        event = obs.on("edge/dev1/events")[0]
+        assert event["kind"] == "error" and event["severity"] == "critical"
+        assert "corrupt" in event["message"]
+        return Path(event["data"]["moved_to"])
+
+    try:
+        moved = asyncio.run(main())
+    finally:
+        obs.close()
+    assert moved.exists() and moved.read_bytes().startswith(b"\x00garbage")
+    s = Spool(state / "spool.sqlite", 1_000_000, "dev1")
+    assert s.open() is None  # the new spool is healthy
+    s.close()
+
+
+def test_payloads_are_valid_protocol(tmp_path: Path, broker: Broker) -> None:
+    """Every telemetry message parses as the wire protocol says (v, device, samples with seq/ts)."""
+    obs = Observer(broker.port)
+
+    async def main() -> None:
+        hub = Hub(make_config(tmp_path / "state", broker.port))
+        hub.publish_metrics({"cpu_percent": 1.5, "temp_c": 40.0})
+        hub.providers["inference"] = lambda: {"model": "m@1", "count": 3}
+        async with TransportComponent(hub):
+            TelemetryComponent(hub).sample_now()
+            await async_wait_until(lambda: obs.seqs(), 10)
+        msg = obs.on("edge/dev1/telemetry")[0]
+        assert msg["v"] == 1 and msg["device"] == "dev1"
+        (sample,) = msg["samples"]
+        assert sample["seq"] == 1 and isinstance(sample["ts"], float)
+        assert sample["metrics"] == {"cpu_percent": 1.5, "temp_c": 40.0}
+        assert sample["inference"] == {"model": "m@1", "count": 3}
+        assert set(sample["spool"]) >= {"backlog", "dropped", "bytes"}
+        assert dumps(msg)  # round-trips
+
+    try:
+        asyncio.run(main())
+    finally:
+        obs.close()
+
+
+def test_username_password_and_a_clear_refusal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pw = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), "dev1", "s3cret"], check=True,
+                   capture_output=True)
+    broker = Broker(workdir=tmp_path / "broker", password_file=pw).start()
+
+    async def run(password: str) -> tuple[int, str | None]:
+        hub = Hub(make_config(tmp_path / f"state-{password}", broker.port,
+                              mqtt={"username": "dev1", "password": password}))
+        async with TransportComponent(hub) as t:
+            session = t.session
+            assert session is not None
+            await async_wait_until(lambda: session.connects or session.failed_connects >= 2, 10)
+            return session.connects, session.last_error
+
+    try:
+        assert asyncio.run(run("s3cret"))[0] == 1
+        with caplog.at_level(logging.WARNING, logger="edgeagent.transport.session"):
+            connects, error = asyncio.run(run("wrong"))
+        assert connects == 0
+        assert error and "refused by broker" in error and "not authorized" in error.lower()
+    finally:
+        broker.stop()
+
+
+def test_connection_state_follows_the_broker(tmp_path: Path, broker: Broker) -> None:
+    async def main() -> None:
+        hub = Hub(make_config(tmp_path / "state", broker.port))
+        async with TransportComponent(hub):
+            await asyncio.wait_for(hub.router.wait_connected(), 10)
+            assert hub.sections()["mqtt"]["connected"] is True
+            await asyncio.to_thread(broker.stop)
+            await async_wait_until(lambda: not hub.router.connected, 10, message="disconnected")
+            mqtt = hub.sections()["mqtt"]
+            assert mqtt["connected"] is False and mqtt["since"] is None
+            assert "lost" in (mqtt["last_error"] or "")
+            await asyncio.to_thread(broker.start)
+            await asyncio.wait_for(hub.router.wait_connected(), 20)
+            assert hub.sections()["mqtt"]["reconnects"] == 1
+
+    asyncio.run(main())
