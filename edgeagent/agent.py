@@ -32,6 +32,8 @@ from edgeagent.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
+RESTART_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on purpose, start me again" (Restart=on-failure)
+
 
 class Component(Protocol):
     name: str
@@ -65,8 +67,18 @@ ComponentFactory = Callable[[Hub], Sequence[Component]]
 def default_components(hub: Hub) -> list[Component]:
     """The production set, in start order (stopped in reverse)."""
     from edgeagent.monitor import MonitorComponent
+    from edgeagent.remote_config import RemoteConfigComponent
+    from edgeagent.rules import RulesComponent
+    from edgeagent.telemetry import TelemetryComponent
+    from edgeagent.transport import TransportComponent
+    from edgeagent.updates import UpdatesComponent
 
-    components: list[Component] = [MonitorComponent(hub)]
+    components: list[Component] = [MonitorComponent(hub), TransportComponent(hub), TelemetryComponent(hub)]
+    if hub.config.inference.enabled:  # a restart-only key; numpy + TFLite cost ~30 MiB, so only then
+        from edgeagent.inference.pipeline import InferenceComponent
+
+        components.append(InferenceComponent(hub))
+    components += [RulesComponent(hub), UpdatesComponent(hub), RemoteConfigComponent(hub)]
     return components
 
 
@@ -82,6 +94,13 @@ class Agent:
         self.state = "starting"
         self.started_at = time.time()
         self.health = HealthWriter(self)
+        self.restart_reason: str | None = None
+        self.hub.request_restart = self.request_restart
+
+    def request_restart(self, reason: str) -> None:
+        """Stop cleanly and exit with RESTART_EXIT_CODE so that the service manager starts us again."""
+        self.restart_reason = reason
+        self.request_stop(f"restart: {reason}")
 
     def request_stop(self, reason: str = "requested") -> None:
         if not self.stop_event.is_set():
@@ -155,6 +174,8 @@ class Agent:
             self.health.write_now()
             self.notifier.close()
             log.info("agent stopped", extra={"kv": {"stop_s": round(time.monotonic() - t0, 3)}})
+        if exit_code == 0 and self.restart_reason is not None:
+            exit_code = RESTART_EXIT_CODE
         return exit_code
 
     async def _supervise(self, c: Component) -> None:

@@ -17,7 +17,9 @@ from edgeagent import __version__
 from edgeagent.errors import ConfigError
 
 # modules with `add_parsers(sub: argparse._SubParsersAction) -> None`
-PLUGINS: tuple[str, ...] = ("edgeagent.monitor",)
+PLUGINS: tuple[str, ...] = ("edgeagent.monitor", "edgeagent.config_cli", "edgeagent.inference.bench",
+                           "edgeagent.updates.cli", "edgeagent.transport.cli", "edgeagent.status",
+                           "edgeagent.fleet.cli")
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -37,9 +39,9 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def load_run_config(path: Path) -> object:
     """The effective config for `run`: the file plus the applied remote layer, if any."""
-    from edgeagent import config as cfgmod
+    from edgeagent.remote_config import load_effective
 
-    return cfgmod.load(path)
+    return load_effective(path, starting=True)[0]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

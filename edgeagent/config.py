@@ -10,6 +10,7 @@ validated by exactly the same code as `edgeagent check-config`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import socket
@@ -153,6 +154,8 @@ class SimulatedSensorConfig:
     seed: int = 0
     fault: Literal["none", "imbalance", "bearing", "spikes"] = "none"
     fault_severity: float = field(default=1.0, metadata=_range(0, 1))  # 0 off .. 1 severe
+    fault_start_s: float = field(default=0.0, metadata=_range(0, 1e9))  # fault on after this much signal
+    fault_duration_s: float = field(default=0.0, metadata=_range(0, 1e9))  # then off again; 0: stays on
     rpm: float = field(default=1800.0, metadata=_range(60, 60000))  # the shipped model knows 1440-2160
     temperature_c: float = 45.0  # healthy running temperature; faults heat the machine up to +20 C
 
@@ -201,6 +204,9 @@ class InferenceConfig:
     keep_versions: int = field(default=3, metadata=_range(1, 100))
     threshold: float | None = None  # default: the model's model.toml
     clear_threshold: float | None = None  # hysteresis; default: the model's model.toml
+    # an anomaly clears after this many windows in a row below clear_threshold (intermittent faults
+    # such as spikes leave single quiet windows that must not clear and re-raise the alarm)
+    clear_windows: int = field(default=5, metadata=_range(1, 1_000_000))
     latency_budget_ms: float = field(default=50.0, metadata=_range(0.1, 60_000))
     probation_windows: int = field(default=50, metadata=_range(1, 1_000_000))
     cache_size: int = field(default=0, metadata=_range(0, 1_000_000))  # 0: result cache off
@@ -263,21 +269,41 @@ class UpdatesConfig:
     max_chunk_kb: float = field(default=1024.0, metadata=_range(1, 262_144))
     request_interval_s: float = field(default=10.0, metadata=_range(0.05, 86400))
     max_requests: int = field(default=32, metadata=_range(1, 100_000))
+    # flow control: chunks are requested at most this far ahead of what is on disk, which bounds
+    # the memory a transfer can take in the MQTT receive path
+    request_window_kb: float = field(default=2048.0, metadata=_range(16, 1_048_576))
+    # a model bundle may unpack to at most artifact size x this (decompression bombs stop early)
+    max_unpacked_ratio: float = field(default=20.0, metadata=_range(1, 10_000))
+    model_install_timeout_s: float = field(default=600.0, metadata=_range(1, 86400))
     gates: GatesConfig = GatesConfig()
     firmware: FirmwareConfig = FirmwareConfig()
+
+
+def _rule_expr_check(value: str) -> str | None:
+    """Parsed once at load by the rules' own parser: `unexpected token ')' at column 12`."""
+    if not value:
+        return "expected a condition"
+    from edgeagent.rules.engine import check_expression  # late: rules import this module
+
+    return check_expression(value)
+
+
+def _rule_action_check(value: str) -> str | None:
+    from edgeagent.rules.engine import check_action
+
+    return check_action(value)
 
 
 @dataclass(frozen=True, slots=True)
 class RuleConfig:
     name: str = field(default="", metadata=_check(lambda v: None if v else "expected a non-empty name",
                                                   required=True))
-    when: str = field(default="", metadata=_check(lambda v: None if v else "expected a condition",
-                                                  required=True))
+    when: str = field(default="", metadata=_check(_rule_expr_check, required=True))
     for_s: float = field(default=0.0, metadata={"key": "for", "duration": True, **_range(0, 604800)})
-    clear_when: str = ""
+    clear_when: str = field(default="", metadata=_check(lambda v: _rule_expr_check(v) if v else None))
     cooldown_s: float = field(default=0.0, metadata={"key": "cooldown", "duration": True,
                                                      **_range(0, 604800)})
-    then: tuple[str, ...] = ()
+    then: tuple[str, ...] = field(default=(), metadata={"item_check": _rule_action_check})
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,6 +474,9 @@ class _Builder:
             return _INVALID
         if tp is float:
             value = float(typing.cast(float, value))
+            if not math.isfinite(value):
+                self.err(path, f"expected a finite number, got {value}")
+                return _INVALID
         lo, hi = meta.get("min"), meta.get("max")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and (
             (lo is not None and value < lo) or (hi is not None and value > hi)
