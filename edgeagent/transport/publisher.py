@@ -18,15 +18,16 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import aiomqtt
+from typing import TYPE_CHECKING, Any
 
 from edgeagent.config import Config
 from edgeagent.errors import EdgeAgentError
 from edgeagent.protocol import Topics
 from edgeagent.transport.outbox import SpoolOutbox
 from edgeagent.transport.spool import KIND_SAMPLE, Row, Spool
+
+if TYPE_CHECKING:  # aiomqtt (and paho, ssl) load only when a broker is configured
+    import aiomqtt
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,8 @@ import random
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -33,6 +32,9 @@ from edgeagent.transport.outbox import SpoolOutbox
 from edgeagent.transport.publisher import Publisher, PublishStats
 from edgeagent.transport.router import SessionRouter
 from edgeagent.transport.spool import Spool
+
+if TYPE_CHECKING:  # aiomqtt (and paho, ssl: ~7 MiB) load only when a broker is configured
+    import aiomqtt
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ class _PahoErrors(logging.Handler):
 
 def describe_error(exc: BaseException, paho_error: str | None) -> str:
     """One clear line for a failed connect: the TLS problem, the CONNACK reason, or the OS error."""
+    import aiomqtt
+
     text = str(exc) or type(exc).__name__
     if isinstance(exc, aiomqtt.MqttCodeError) and exc.rc is not None:
         text = f"refused by broker: {exc}"
@@ -212,6 +216,8 @@ class Session:
             await asyncio.wait_for(self._stop.wait(), delay)
 
     def _make_client(self, cfg: Config) -> aiomqtt.Client:
+        import aiomqtt
+
         m = cfg.mqtt
         v5 = m.protocol == "5"
         will = aiomqtt.Will(self.topics.status, dumps(status_offline("connection-lost")), qos=1, retain=True)
