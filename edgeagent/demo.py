@@ -87,8 +87,10 @@ def describe(topic: str, payload: bytes) -> str:
             lines.append(line)
         return "\n".join(lines)
     if kind == "status":
-        return f"status       {msg.get('state')} {msg.get('reason', '')} agent={msg.get('agent', '')}" \
-               f" model={msg.get('model', '')}"
+        model = msg.get("model") or {}
+        model_text = f" model={model.get('name')}@{model.get('version')}" if model else ""
+        agent = msg.get("agent", "")
+        return f"status       {msg.get('state')} {msg.get('reason', '')} agent={agent}{model_text}"
     if kind == "events":
         return f"event        [{msg.get('severity')}] {msg.get('kind')}: {msg.get('message')}"
     return f"{kind:<12} {json.dumps(msg)[:160]}"
@@ -157,6 +159,8 @@ def _subscribe(port: int) -> Any:
     lock = threading.Lock()
 
     def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        if msg.topic.endswith("/ping"):  # the agent's own broker round-trip probe
+            return
         with lock:
             print(describe(msg.topic, msg.payload), flush=True)
 
