@@ -128,9 +128,11 @@ def test_bad_certificates_are_refused_logged_and_retried(case: str, tmp_path: Pa
         async with TransportComponent(hub) as t:
             session = t.session
             assert session is not None
-            await async_wait_until(lambda: session.failed_connects >= 3, 30)
+            # the TLS alert naming the reason can lose the race with the socket close ("EOF occurred
+            # in violation of protocol"); the real reason must show up within a few retries
+            await async_wait_until(lambda: session.failed_connects >= 3 and any(
+                expect in r.getMessage() for r in caplog.records), 30)
             assert session.connects == 0 and not hub.router.connected
-            assert expect in (session.last_error or "")
             hub.emit_event("error", "info", "still spooling")
             assert t.spool is not None and t.spool.count == 1
 
@@ -138,10 +140,11 @@ def test_bad_certificates_are_refused_logged_and_retried(case: str, tmp_path: Pa
         asyncio.run(main())
     lines = [r for r in caplog.records if "cannot connect to broker" in r.getMessage()]
     assert len(lines) >= 3
-    first = lines[0]
-    assert first.levelno == logging.WARNING
-    assert expect in first.getMessage() and "retrying in" in first.getMessage()
-    assert all(r.levelno == logging.DEBUG for r in lines[1:])  # no log spam for the same problem
+    warnings = [r.getMessage() for r in lines if r.levelno == logging.WARNING]
+    assert any(expect in w and "retrying in" in w for w in warnings), warnings
+    # no log spam: each distinct reason at WARNING once, its repeats at DEBUG
+    reasons = [w.split("; retrying in")[0] for w in warnings]
+    assert len(reasons) == len(set(reasons)) and len(warnings) < len(lines), warnings
 
 
 def test_acl_keeps_devices_apart(tls_broker: Broker, pki: dict[str, Path]) -> None:
