@@ -239,8 +239,11 @@ def _cmd_push(args: argparse.Namespace) -> int:
                            hardware=args.hardware or None, min_agent=args.min_agent, critical=args.critical)
         signed = signing.sign(m, key, args.key_id)
         url = BrokerUrl.parse(args.broker, args.ca_file, args.cert_file, args.key_file)
-        client = make_client(url, f"edgeagent-push-{uuid.uuid4().hex[:8]}")
-        connect_and_wait(client, url, keepalive_s=30)
+        # a persistent session per job: a broker restart mid-push keeps our subscriptions (status,
+        # chunk requests) and the QoS 1 messages queued for us
+        client = make_client(url, f"edgeagent-push-{job}"[:64], clean_start=False)
+        connect_and_wait(client, url, keepalive_s=30, clean_start=False,
+                         session_expiry_s=int(min(ttl, 86400)) + 60)
     except (EdgeAgentError, ConnectionError, ValueError, OSError) as exc:
         print(f"push: {exc}", file=sys.stderr)
         return 2
