@@ -70,6 +70,17 @@ class PushResult:
     seconds: float = 0.0
 
 
+def _settle(info: Any, timeout_s: float) -> bool:
+    """True once a publish is acknowledged or can no longer be (the connection dropped: paho raises;
+    the device then asks again for what it misses, so nothing is lost by letting go of it)."""
+    try:
+        if timeout_s > 0:
+            info.wait_for_publish(timeout_s)
+        return bool(info.is_published())
+    except (RuntimeError, ValueError):
+        return True
+
+
 class Pusher:
     """Publishes one signed update and serves it until every expected device has finished."""
 
@@ -129,9 +140,9 @@ class Pusher:
             self.result.chunks_sent += 1
             if len(self._inflight) >= MAX_INFLIGHT:
                 for info in self._inflight[: MAX_INFLIGHT // 2]:
-                    info.wait_for_publish(30)
+                    _settle(info, 30)
                 del self._inflight[: MAX_INFLIGHT // 2]
-        self._inflight = [info for info in self._inflight if not info.is_published()]
+        self._inflight = [info for info in self._inflight if not _settle(info, 0)]
 
     def run(self, timeout_s: float, start_wait_s: float = 0.0) -> PushResult:
         """Serve the update until `expect` devices reached a final state or `timeout_s` passed.
