@@ -338,3 +338,26 @@ def test_connection_state_follows_the_broker(tmp_path: Path, broker: Broker) -> 
             assert hub.sections()["mqtt"]["reconnects"] == 1
 
     asyncio.run(main())
+
+
+def test_status_follows_the_model_once_it_is_known(tmp_path: Path, broker: Broker) -> None:
+    """At connect the model may still be loading (or a swap comes later): status catches up."""
+    obs = Observer(broker.port)
+    model: dict[str, str] = {}
+
+    async def main() -> None:
+        hub = Hub(make_config(tmp_path / "state", broker.port))
+        hub.providers["inference"] = lambda: dict(model)
+        async with TransportComponent(hub):
+            await async_wait_until(lambda: obs.on("edge/dev1/status"), 10)
+            assert "model" not in obs.on("edge/dev1/status")[0]
+            model["model"] = "vibration-anomaly@1.1.0"
+            await async_wait_until(lambda: obs.on("edge/dev1/status")[-1].get("model"), 15)
+            assert obs.on("edge/dev1/status")[-1]["model"] == {"name": "vibration-anomaly",
+                                                               "version": "1.1.0"}
+            assert obs.on("edge/dev1/status")[-1]["state"] == "online"
+
+    try:
+        asyncio.run(main())
+    finally:
+        obs.close()

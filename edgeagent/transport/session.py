@@ -38,6 +38,8 @@ if TYPE_CHECKING:  # aiomqtt (and paho, ssl: ~7 MiB) load only when a broker is 
 
 log = logging.getLogger(__name__)
 
+STATUS_REFRESH_S = 2.0  # how often the retained status is checked against the running model/firmware
+
 PING_INTERVAL_S = 30.0
 FIRST_PING_S = 1.0
 STABLE_CONNECTION_S = 30.0  # a connection that lasted this long resets the backoff
@@ -305,8 +307,8 @@ class Session:
 
     async def _connected_phase(self, client: aiomqtt.Client, cfg: Config) -> None:
         timeout_s = max(5.0, float(cfg.mqtt.keepalive_s))
-        await client.publish(self.topics.status, dumps(self._status()), qos=1, retain=True,
-                             timeout=timeout_s)
+        status = self._status()
+        await client.publish(self.topics.status, dumps(status), qos=1, retain=True, timeout=timeout_s)
         subscribed: set[str] = set()
         await self._subscribe(client, [self.ping_topic, *self.router.filters], subscribed, timeout_s)
         self._set_connected(True)
@@ -317,6 +319,7 @@ class Session:
             asyncio.create_task(publisher.run(client, timeout_s), name="mqtt-publish-spool"),
             asyncio.create_task(self._late_subscribe(client, subscribed, timeout_s), name="mqtt-subscribe"),
             asyncio.create_task(self._ping(client), name="mqtt-ping"),
+            asyncio.create_task(self._refresh_status(client, status, timeout_s), name="mqtt-status"),
         ]
         stop = asyncio.create_task(self._stop.wait(), name="mqtt-stop")
         try:
@@ -337,6 +340,21 @@ class Session:
             if exc is not None:
                 raise exc
         raise ConnectionError("a session task ended unexpectedly")
+
+    async def _refresh_status(self, client: aiomqtt.Client, published: dict[str, Any],
+                              timeout_s: float) -> None:
+        """Re-publish the retained "online" status when the model or firmware it names changes
+        (the model is often still loading at connect; a hot swap changes it)."""
+        def identity(s: dict[str, Any]) -> tuple[object, object]:
+            return s.get("model"), s.get("firmware")
+
+        while True:
+            await asyncio.sleep(STATUS_REFRESH_S)
+            status = self._status()
+            if identity(status) != identity(published):
+                await client.publish(self.topics.status, dumps(status), qos=1, retain=True,
+                                     timeout=timeout_s)
+                published = status
 
     def _set_connected(self, value: bool) -> None:
         if value:
