@@ -438,6 +438,7 @@ class MqttSource:
         self.received = 0
         self.malformed = 0
         self.subscribed = asyncio.Event()  # set while subscribed: tests and callers wait on it
+        self.connects = 0  # successful (re)subscriptions
 
     async def stream(self) -> AsyncIterator[tuple[float, Samples]]:
         import aiomqtt  # only this source needs it; the training venv has no MQTT client
@@ -449,6 +450,7 @@ class MqttSource:
                                           password=self._password) as client:
                     await client.subscribe(self.topic)
                     attempt = 0
+                    self.connects += 1
                     self.subscribed.set()
                     async for message in client.messages:
                         raw = message.payload

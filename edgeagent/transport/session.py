@@ -75,6 +75,15 @@ class _PahoErrors(logging.Handler):
             self.last = str(record.msg)
 
 
+def _retrieve_disconnect(client: aiomqtt.Client) -> None:
+    """aiomqtt sets the reason of an unexpected disconnect on a future that nothing awaits once we
+    have left the connected phase: read it, so asyncio does not log "Future exception was never
+    retrieved" (we log the reason ourselves)."""
+    fut = getattr(client, "_disconnected", None)
+    if isinstance(fut, asyncio.Future) and fut.done() and not fut.cancelled():
+        fut.exception()
+
+
 def describe_error(exc: BaseException, paho_error: str | None) -> str:
     """One clear line for a failed connect: the TLS problem, the CONNACK reason, or the OS error."""
     import aiomqtt
@@ -197,6 +206,7 @@ class Session:
                     self._set_connected(False)
                     with contextlib.suppress(Exception, asyncio.TimeoutError):
                         await asyncio.wait_for(client.__aexit__(None, None, None), m.connect_timeout_s)
+                    _retrieve_disconnect(client)
                 # clean stop: the broker got DISCONNECT, so it will not send the last will
                 log.info("disconnected from broker", extra={"kv": {"reason": "shutdown"}})
                 return
