@@ -24,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent import config as cfgmod
 from edgeagent import protocol, signing
+from edgeagent.config_layers import dumps_toml
 from edgeagent.errors import ModelRejected, ModelRolledBack
 from edgeagent.fsutil import atomic_write_json
 from edgeagent.hub import Hub
@@ -95,36 +96,8 @@ def fake_ab_commands(ab: Path, **flags: str) -> dict[str, list[str]]:
 
 
 def config_toml(cfg_raw: dict[str, Any]) -> str:
-    """A tiny TOML writer for the nested tables the process tests need."""
-
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{json.dumps(k)} = {val(x)}" for k, x in v.items()) + "}"
-        raise TypeError(v)
-
-    lines: list[str] = []
-
-    def table(prefix: str, d: dict[str, Any]) -> None:
-        inline = ("trusted_keys", "commands")
-        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) or k in inline}
-        subs = {k: v for k, v in d.items() if k not in scalars}
-        if prefix:
-            lines.append(f"[{prefix}]")
-        for k, v in scalars.items():
-            lines.append(f"{k} = {val(v)}")
-        for k, v in subs.items():
-            table(f"{prefix}.{k}" if prefix else k, v)
-
-    table("", cfg_raw)
-    return "\n".join(lines) + "\n"
+    """The config the process tests write (the same TOML writer as the applied remote layer)."""
+    return dumps_toml(cfg_raw)
 
 
 class StatusWatcher:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeagent.config_layers import dumps_toml
+
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_AB = ROOT / "tests" / "fake_ab_installer.py"
@@ -36,38 +38,6 @@ def wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.05) -> bool
         if time.monotonic() > deadline:
             return False
         time.sleep(interval_s)
-
-
-def toml_text(d: dict[str, Any]) -> str:
-    """A tiny TOML writer for nested tables of scalars, arrays and inline tables (`commands`, keys)."""
-
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{json.dumps(k)} = {val(x)}" for k, x in v.items()) + "}"
-        raise TypeError(f"cannot write {v!r} as TOML")
-
-    lines: list[str] = []
-
-    def table(prefix: str, t: dict[str, Any]) -> None:
-        inline = ("trusted_keys", "commands")
-        scalars = {k: v for k, v in t.items() if not isinstance(v, dict) or k in inline}
-        if prefix:
-            lines.append(f"[{prefix}]")
-        lines.extend(f"{k} = {val(v)}" for k, v in scalars.items())
-        for k, v in t.items():
-            if k not in scalars:
-                table(f"{prefix}.{k}" if prefix else k, v)
-
-    table("", d)
-    return "\n".join(lines) + "\n"
 
 
 @dataclass
@@ -176,7 +146,7 @@ class AgentProc:
                                      "health_command": [sys.executable, "-m", "edgeagent.trial.fwtool",
                                                         "--root", str(self.ab), "health"]}},
         }
-        self.conf.write_text(toml_text(raw))
+        self.conf.write_text(dumps_toml(raw))
 
     @property
     def log_path(self) -> Path:
