@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,3 +24,11 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
         yield b
     finally:
         b.stop()
+
+
+@pytest.fixture(autouse=True)
+def _root_log_level() -> Iterator[None]:
+    """A pushed logging.level changes the root logger live: give other tests theirs back."""
+    level = logging.getLogger().level
+    yield
+    logging.getLogger().setLevel(level)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,6 @@ from edgeagent.errors import RemoteConfigRejected
 from edgeagent.hub import Handler, Hub, MemoryOutbox
 from edgeagent.remote_config import RemoteConfigComponent, config_sha256, parse_desired
 from edgeagent.signing import generate_keypair, load_private_key, load_trusted_keys, sign
-
-
-@pytest.fixture(autouse=True)
-def _root_log_level() -> Iterator[None]:
-    """A pushed logging.level changes the root logger live: give other tests theirs back."""
-    level = logging.getLogger().level
-    yield
-    logging.getLogger().setLevel(level)
 
 
 class Clock:

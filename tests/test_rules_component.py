@@ -4,13 +4,9 @@ through the config layers, the busy file. Driven step by step with a fake clock.
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from edgeagent import config as cfgmod
 from edgeagent.config_layers import layers_for
@@ -20,14 +16,6 @@ from edgeagent.rules import RulesComponent
 from tests.util import async_wait_until
 
 NOON = datetime(2026, 11, 25, 12, 0)  # a Wednesday
-
-
-@pytest.fixture(autouse=True)
-def _root_log_level() -> Iterator[None]:
-    """A pushed logging.level changes the root logger live: give other tests theirs back."""
-    level = logging.getLogger().level
-    yield
-    logging.getLogger().setLevel(level)
 
 
 class Clock:
