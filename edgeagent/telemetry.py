@@ -8,6 +8,8 @@ message, `telemetry.batch_wait_s`) happens when publishing, so every sample is d
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -19,6 +21,8 @@ from edgeagent.logs import Once
 from edgeagent.transport.outbox import SampleSink
 
 log = logging.getLogger(__name__)
+
+FIRST_METRICS_WAIT_S = 2.0
 _once = Once(log)
 
 
@@ -38,9 +42,12 @@ class TelemetryComponent:
         self.hub = hub
         self.samples = 0
         self.last_seq = 0
+        self._first_metrics = asyncio.Event()
 
     async def __aenter__(self) -> TelemetryComponent:
         self.hub.providers["telemetry"] = self.section
+        self._first_metrics = asyncio.Event()
+        self.hub.on_metrics(lambda _m: self._first_metrics.set())
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -70,6 +77,11 @@ class TelemetryComponent:
         return seq
 
     async def run(self) -> None:
+        # the first sample waits (a little) for the monitor's first reading: no empty sample per start
+        if not self.hub.metrics:
+            with contextlib.suppress(asyncio.TimeoutError):
+                wait_s = min(self._interval_s(), FIRST_METRICS_WAIT_S)
+                await asyncio.wait_for(self._first_metrics.wait(), wait_s)
         last = -math.inf
         while True:
             interval = self._interval_s()

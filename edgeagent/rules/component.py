@@ -30,6 +30,8 @@ from edgeagent.rules.engine import CompiledRule, RuleEngine, Transition
 
 log = logging.getLogger(__name__)
 
+STARTUP_GRACE_S = 30.0  # values absent this soon after start (inference still loading) are not warned
+
 SLOWED = ("monitor", "telemetry", "inference")  # hub.slowdown keys power_save sets
 SECTIONS = ("inference", "mqtt")  # provider sections rules may read (cheap ones only)
 
@@ -67,8 +69,10 @@ class RulesComponent:
         self._once = Once(log)
         self._busy_file = False
         self._power_save = False
+        self._started_at: float | None = None
 
     async def __aenter__(self) -> RulesComponent:
+        self._started_at = self.clock()
         self.reload(self.hub.config)
         self.hub.on_metrics(lambda _m: self._wake.set())
         self.hub.providers["rules"] = self.engine.section
@@ -127,7 +131,12 @@ class RulesComponent:
         connected = bool(mqtt.get("connected", self.hub.router.connected))
         values = collect_values(self.hub.metrics, sections, bool(self.hub.busy), connected, self.wall())
         result = self.engine.feed(self.clock(), values)
+        # right after start the inference section is not there yet: not worth a warning
+        starting = self._started_at is not None and self.clock() - self._started_at < STARTUP_GRACE_S
         for p in result.problems:
+            if starting:
+                log.debug("rule %s: %s; the condition counts as false", p.rule, p.message)
+                continue
             self._once.warning(f"{p.rule}:{p.key}", "rule %s: %s; the condition counts as false", p.rule,
                                p.message, extra={"kv": {"rule": p.rule}})
         for t in result.transitions:
