@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 
 from edgeagent import protocol
 from edgeagent.errors import ProtocolError
-from edgeagent.fleet.state import FleetState, SeqTracker, Thresholds, is_stale, sort_by_trouble, troubles
+from edgeagent.fleet.state import (
+    DeviceState,
+    FleetState,
+    SeqTracker,
+    Thresholds,
+    is_stale,
+    sort_by_trouble,
+    troubles,
+)
 from edgeagent.fleet.watch import device_row, select
 
 T0 = 1_800_000_000.0
@@ -241,3 +249,17 @@ def test_any_json_either_ingests_or_raises_protocol_error(kind, body, samples):
     except ProtocolError:
         return
     json.dumps(fs.snapshot())
+
+
+def test_config_reports_are_kept_per_device_and_bad_ones_rejected():
+    fs = FleetState("edge", Thresholds())
+    report = protocol.config_reported(7, "ab" * 32, "rolled_back", "broker unreachable", ts=T0)
+    fs.ingest("edge/d1/config/reported", protocol.dumps(report), T0 + 1)
+    (snap,) = fs.snapshot()
+    assert snap["config"]["version"] == 7 and snap["config"]["state"] == "rolled_back"
+    assert snap["config"]["reason"] == "broker unreachable"
+    assert DeviceState.from_dict(snap).config == snap["config"]  # survives a collector restart
+    for bad in ({"v": 1, "version": "7", "state": "applied"}, {"v": 1, "version": 8, "state": "maybe"}):
+        with pytest.raises(ProtocolError):
+            fs.ingest("edge/d1/config/reported", json.dumps(bad).encode(), T0 + 2)
+    assert fs.snapshot()[0]["config"]["version"] == 7  # state untouched by bad input

@@ -59,7 +59,7 @@ class CollectorOptions:
         volume = [f"{p}/+/telemetry", f"{p}/+/events"]
         if self.share_group:
             volume = [f"$share/{self.share_group}/{f}" for f in volume]
-        return [f"{p}/+/status", f"{p}/+/updates/+/status", *volume]
+        return [f"{p}/+/status", f"{p}/+/updates/+/status", f"{p}/+/config/reported", *volume]
 
 
 class Collector:

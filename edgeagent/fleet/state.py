@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from edgeagent.errors import ProtocolError
-from edgeagent.protocol import FINAL_JOB_STATES, JOB_STATES, dumps, loads_object
+from edgeagent.protocol import CONFIG_STATES, FINAL_JOB_STATES, JOB_STATES, dumps, loads_object
 
 MAX_MISSING_RANGES = 64          # late arrivals older than this many open gaps count as duplicates
 ANOMALY_TIMES_KEPT = 256
@@ -133,6 +133,7 @@ class DeviceState:
     anomaly_times: deque[float] = field(default_factory=lambda: deque(maxlen=ANOMALY_TIMES_KEPT))
     last_event: dict[str, Any] | None = None
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # last config/reported: version, state, ...
     invalid: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,7 +147,7 @@ class DeviceState:
             "telemetry": self.telemetry.to_dict(), "events": self.events.to_dict(),
             "anomalies_total": self.anomalies_total, "anomaly_times": list(self.anomaly_times),
             "last_event": self.last_event, "jobs": [dict(j) for j in self.jobs.values()],
-            "invalid": self.invalid,
+            "config": dict(self.config), "invalid": self.invalid,
         }
 
     @classmethod
@@ -159,7 +160,7 @@ class DeviceState:
             if d.get(name) is not None:
                 setattr(dev, name, d[name])
         dev.groups = [str(g) for g in d.get("groups") or []]
-        for name in ("metrics", "inference", "spool"):
+        for name in ("metrics", "inference", "spool", "config"):
             setattr(dev, name, dict(d.get(name) or {}))
         dev.telemetry = SeqTracker.from_dict(d.get("telemetry") or {})
         dev.events = SeqTracker.from_dict(d.get("events") or {})
@@ -182,7 +183,7 @@ class CollectorStats:
     """Collector health: counters plus a one-second window for rate and lag."""
 
     messages: dict[str, int] = field(default_factory=lambda: {
-        "status": 0, "telemetry": 0, "events": 0, "job": 0, "invalid": 0})
+        "status": 0, "telemetry": 0, "events": 0, "job": 0, "config": 0, "invalid": 0})
     samples: int = 0
     gaps: int = 0
     duplicates: int = 0
@@ -252,9 +253,11 @@ class FleetState:
             kind = parts[1]
         elif len(parts) == 4 and parts[1] == "updates" and parts[3] == "status" and parts[2]:
             kind = "updates/+/status"
+        elif len(parts) == 3 and parts[1] == "config" and parts[2] == "reported":
+            kind = "config/reported"
         else:
             raise ProtocolError(topic, "not a topic the collector reads")
-        if not payload and kind in ("status", "updates/+/status"):
+        if not payload and kind in ("status", "updates/+/status", "config/reported"):
             return Ingested()            # a cleared retained message
         try:
             msg = loads_object(topic, payload)
@@ -270,6 +273,8 @@ class FleetState:
             out = self._telemetry(topic, dev, msg, now)
         elif kind == "events":
             out = self._event(topic, dev, msg, now)
+        elif kind == "config/reported":
+            out = self._config(topic, dev, msg, now)
         else:
             out = self._job(topic, dev, parts[2], msg, now)
         if fresh:
@@ -400,6 +405,16 @@ class FleetState:
         dev.jobs[job] = entry
         self.stats.messages["job"] += 1
         return Ingested(jobs=[(dev.device, job, state, entry["progress"], entry["reason"], entry["ts"], now)])
+
+    def _config(self, topic: str, dev: DeviceState, msg: dict[str, Any], now: float) -> Ingested:
+        state, version = msg.get("state"), msg.get("version")
+        if state not in CONFIG_STATES or not _is_int(version):
+            raise ProtocolError(topic, f"config report needs state in {CONFIG_STATES} and an integer version")
+        dev.config = {"version": int(version), "state": state, "reason": str(msg.get("reason", "")),
+                      "sha256": str(msg.get("sha256", "")),
+                      "ts": float(msg["ts"]) if _is_num(msg.get("ts")) else None, "received": now}
+        self.stats.messages["config"] += 1
+        return Ingested()
 
     def snapshot(self, devices: set[str] | None = None) -> list[dict[str, Any]]:
         """Plain dicts (see DeviceState.to_dict) of all devices, or of `devices` only."""

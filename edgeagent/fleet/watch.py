@@ -53,6 +53,8 @@ def device_row(d: dict[str, Any], now: float, th: Thresholds) -> dict[str, Any]:
         "anomalies_total": d.get("anomalies_total") or 0,
         "spool_backlog": (d.get("spool") or {}).get("backlog"),
         "update": None if job is None else {k: job.get(k) for k in JOB_FIELDS},
+        "config": {k: (d.get("config") or {}).get(k) for k in ("version", "state", "reason")}
+        if d.get("config") else None,
         "telemetry": {k: tele.get(k) for k in ("last_seq", "received", "gaps", "duplicates", "resets")},
         "events": {k: ev.get(k) for k in ("last_seq", "received", "gaps", "duplicates", "resets")},
     }
