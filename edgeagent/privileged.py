@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -123,7 +124,7 @@ def parse_request(data: bytes) -> Request:
     """Decode request.json; only `op` and `artifact` influence what runs, and neither names a command."""
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also: nested too deep, 4300+ digit integers
         raise RequestRejected(f"request is not JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise RequestRejected("request must be a JSON object")
@@ -142,9 +143,13 @@ def parse_request(data: bytes) -> Request:
         raise RequestRejected("artifact must be a string or null", rid)
     if op == "install" and not artifact:
         raise RequestRejected("op 'install' needs an artifact", rid)
-    if isinstance(ts, bool) or not isinstance(ts, int | float):
-        raise RequestRejected("ts must be a number", rid)
-    return Request(id=rid, job=job, op=op, artifact=artifact if op == "install" else None, ts=float(ts))
+    try:
+        ts_s = math.nan if isinstance(ts, bool) or not isinstance(ts, int | float) else float(ts)
+    except OverflowError:
+        ts_s = math.nan
+    if not math.isfinite(ts_s):
+        raise RequestRejected("ts must be a finite number", rid)
+    return Request(id=rid, job=job, op=op, artifact=artifact if op == "install" else None, ts=ts_s)
 
 
 @contextlib.contextmanager
@@ -236,16 +241,26 @@ def run_command(argv: list[str], timeout_s: float) -> Outcome:
         return Outcome(False, None, f"command not found: {argv[0]}")
     env = {"PATH": SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
     log.info("running %s", argv)
-    proc = subprocess.Popen(
-        [program, *argv[1:]], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        cwd="/", env=env, start_new_session=True, close_fds=True,
-    )
+    try:
+        proc = subprocess.Popen(
+            [program, *argv[1:]], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, cwd="/", env=env, start_new_session=True, close_fds=True,
+        )
+    except OSError as exc:  # e.g. ENOEXEC: a script without a usable shebang
+        return Outcome(False, 126, f"cannot run {argv[0]}: {exc}")
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        try:
+            out, _ = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:  # a descendant left the group and holds the pipe open
+            if proc.stdout is not None:
+                proc.stdout.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+            out = b""
         msg = f"\n[edgeagent-installer] timed out after {timeout_s:g} s; process group killed\n"
         return Outcome(False, None, tail(out + msg.encode()))
     return Outcome(proc.returncode == 0, proc.returncode, tail(out))
@@ -278,7 +293,7 @@ def _peek_op(data: bytes) -> str | None:
     """The op of a request about to be rejected, if readable, so its result still names it."""
     try:
         doc = json.loads(data)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+    except (ValueError, RecursionError):
         return None
     op = doc.get("op") if isinstance(doc, dict) else None
     return op if isinstance(op, str) else None
@@ -345,10 +360,13 @@ def handle_request(state_dir: Path, config: InstallerConfig | InstallerConfigErr
             _remove_request(installer_fd, seen)
             return result
         if artifact_fd is not None:
-            with _opened(artifact_fd), staged_artifact(artifact_fd, Path(request.artifact or "").name,
-                                                       staging_dir) as staged:
-                argv = command_for(config.preset, request.op, staged, config.overrides)
-                outcome = run_command(argv, config.timeout_s)
+            try:
+                with _opened(artifact_fd), staged_artifact(artifact_fd, Path(request.artifact or "").name,
+                                                           staging_dir) as staged:
+                    argv = command_for(config.preset, request.op, staged, config.overrides)
+                    outcome = run_command(argv, config.timeout_s)
+            except OSError as exc:  # staging failed (disk full, cross-device): still answer the agent
+                outcome = Outcome(False, None, f"cannot stage the artifact: {exc}")
             return _finish(installer_fd, seen, request, outcome)
         argv = command_for(config.preset, request.op, None, config.overrides)
         if request.op == "reboot":

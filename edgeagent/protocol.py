@@ -85,7 +85,7 @@ def loads_object(topic: str, payload: bytes) -> dict[str, Any]:
     """Parse a JSON object payload with `"v": 1`; raise ProtocolError with the reason otherwise."""
     try:
         value = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, integers of 4300+ digits
         raise ProtocolError(topic, f"malformed JSON: {exc}") from exc
     except RecursionError as exc:  # a hostile payload nested thousands deep
         raise ProtocolError(topic, "malformed JSON: nested too deeply") from exc

@@ -388,16 +388,19 @@ def parse_payload(payload: bytes | str, channels: int, now: float) -> tuple[floa
 
     try:
         doc = json.loads(payload, parse_constant=_reject_constant)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except (ValueError, RecursionError) as exc:  # also: nested thousands deep, 4300+ digit integers
         raise bad(f"not JSON: {exc}") from exc
     ts = now
     if isinstance(doc, dict):
         if "values" not in doc:
             raise bad('object payload needs "values"')
         if "ts" in doc:
-            if not _is_number(doc["ts"]) or not math.isfinite(doc["ts"]):
+            try:
+                ts = float(doc["ts"]) if _is_number(doc["ts"]) else math.nan
+            except OverflowError:
+                ts = math.nan
+            if not math.isfinite(ts):
                 raise bad('"ts" must be a finite number')
-            ts = float(doc["ts"])
         doc = doc["values"]
     if _is_number(doc):
         rows: Sequence[Sequence[object]] = [[doc]]
@@ -414,7 +417,10 @@ def parse_payload(payload: bytes | str, channels: int, now: float) -> tuple[floa
     for i, row in enumerate(rows):
         if len(row) != channels or not all(_is_number(x) for x in row):
             raise bad(f"row {i} must hold {channels} numbers")
-    arr = np.array(rows, dtype=np.float64)
+    try:
+        arr = np.array(rows, dtype=np.float64)
+    except (OverflowError, ValueError) as exc:  # an integer too large for a float
+        raise bad(f"values must be finite numbers ({exc})") from exc
     if not np.all(np.isfinite(arr)):
         raise bad("values must be finite")
     return ts, arr.astype(np.float32)

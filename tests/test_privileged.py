@@ -409,3 +409,28 @@ def test_agent_side_runner_and_root_helper_speak_the_same_contract(device: Devic
     assert installed.ok and installed.returncode == 0 and "into slot B" in installed.output
     assert slot.ok and parse_slot("script", slot.output) == "A"
     assert (device.ab / "slot-B" / "rootfs.img").read_bytes() == b"firmware 3.0\n"
+
+
+@pytest.mark.parametrize("payload", [
+    b"[" * 100_000,
+    b'{"v": 1, "id": "a", "op": "slot", "ts": 1' + b"0" * 400 + b"}",
+    b'{"v": 1, "id": "a", "op": "slot", "ts": 1' + b"0" * 5000 + b"}",
+])
+def test_hostile_requests_are_answered_not_crashed_on(device: Device, payload: bytes) -> None:
+    """The agent waits for a result: a request that breaks the parser must still get one."""
+    (device.state / "installer" / "request.json").write_bytes(payload)
+    assert device.run().returncode == 0
+    assert device.result()["ok"] is False
+    assert not device.request_pending
+
+
+def test_a_command_that_cannot_be_executed_is_reported(tmp_path: Path) -> None:
+    script = tmp_path / "noshebang"
+    script.write_bytes(b"\x00\x01 not a program")
+    script.chmod(0o755)
+    device = Device(tmp_path, f'[commands]\nmark-good = ["{script}"]\n')
+    rid = device.request("mark-good")
+    assert device.run().returncode == 0
+    res = device.result()
+    assert (res["id"], res["ok"], res["returncode"]) == (rid, False, 126)
+    assert "cannot run" in res["output"]

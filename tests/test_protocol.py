@@ -15,6 +15,7 @@ from edgeagent.errors import ProtocolError
     (b'{"job": "j"}', "protocol version"),
     (b'{"v": 2}', "protocol version"),
     (b"[" * 100_000 + b"]" * 100_000, "malformed JSON"),
+    (b'{"v": 1, "size": 1' + b"0" * 5000 + b"}", "malformed JSON"),
 ])
 def test_loads_object_rejects_with_reason(payload: bytes, reason: str) -> None:
     with pytest.raises(ProtocolError) as info:

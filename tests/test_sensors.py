@@ -444,3 +444,15 @@ def test_scheduled_fault_switches_on_and_off_by_signal_time() -> None:
     assert severity[:10] == [0.0] * 10  # t < 0.2 s
     assert severity[10:20] == [1.0] * 10  # 0.2 s <= t < 0.4 s
     assert severity[20:] == [0.0] * 10
+
+
+@pytest.mark.parametrize("payload", [
+    b"[" * 100_000,  # nested too deep for the JSON parser
+    b'{"ts": 1' + b"0" * 400 + b', "values": [1, 2, 3]}',  # ts overflows a float
+    b"[1" + b"0" * 400 + b", 2, 3]",  # a value overflows a float
+    b"[1" + b"0" * 5000 + b", 2, 3]",  # beyond Python's integer-string limit
+])
+def test_hostile_payloads_are_rejected_not_raised(payload: bytes) -> None:
+    """One bad message from a local publisher must not crash the inference pipeline."""
+    with pytest.raises(SensorPayloadError):
+        parse_payload(payload, 3, 0.0)

@@ -8,6 +8,7 @@ real windows and only then recorded as active; a model that fails later is rolle
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -450,8 +451,18 @@ class InferenceComponent:
         # this coroutine resumes
         self._probation_done = loop.create_future()
         self._probation = probation
+        swapped = runner.swap(slot)
         try:
-            old = await asyncio.wrap_future(runner.swap(slot))
+            old = await asyncio.wrap_future(swapped)
+        except asyncio.CancelledError:
+            # the swap may already be running in the worker (then it cannot be cancelled): undo it
+            # as soon as it lands, so a cancelled install never leaves an unproven model serving
+            def undo(f: concurrent.futures.Future[ModelSlot]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    runner.swap(f.result())
+
+            swapped.add_done_callback(undo)
+            raise
         except RuntimeError as exc:  # the runner stopped: the pipeline was rebuilt meanwhile
             self._probation = self._probation_done = None
             await asyncio.to_thread(self.store.remove, name, version)
@@ -467,7 +478,14 @@ class InferenceComponent:
                 probation.failure = (f"probation timed out: {probation.served} of {probation.needed} windows "
                                      f"served in {timeout_s:.0f} s")
             if probation.failure is None:
-                rec = await asyncio.to_thread(self.store.activate, name, version)
+                activation = asyncio.ensure_future(asyncio.to_thread(self.store.activate, name, version))
+                try:
+                    rec = await asyncio.shield(activation)
+                except asyncio.CancelledError:
+                    # active.json is being written anyway: keep memory in step with disk, then stop
+                    self._active = await activation
+                    committed = True
+                    raise
                 committed = True
                 self._active = rec
                 self._watch = FailureWatch(ROLLBACK_STREAK)

@@ -276,14 +276,14 @@ class Runner:
             self._cache.clear()
             return
         assert control.slot is not None and control.future is not None
+        if not control.future.set_running_or_notify_cancel():
+            return  # cancelled before it ran: keep serving the current model
         old, self._slot = self._slot, control.slot
         self._cache.clear()  # cached outputs belong to the old model
         pause = self._clock() - t0
         with self._stats_lock:
             self._stats.swaps += 1
             self._stats.swap_pauses.append(pause)
-        if not control.future.set_running_or_notify_cancel():
-            return
         control.future.set_result(old)
 
     def _serve(self, item: _Item) -> None:
