@@ -71,6 +71,8 @@ class UpdatesComponent:
         self._transfers: dict[str, Transfer] = {}
         self._chunk_events: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._closing = False
+        self._manifest_lock = asyncio.Lock()
         self._kind_locks = {"model": asyncio.Lock(), "firmware": asyncio.Lock()}
         self._wake = asyncio.Event()
         self._ctx_pulse = asyncio.Event()
@@ -115,6 +117,8 @@ class UpdatesComponent:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
+        # the transport (stopped after us) may still deliver a manifest: start nothing new now
+        self._closing = True
         await self._stop_tasks()
         for t in list(self._transfers.values()):
             await asyncio.to_thread(t.close)
@@ -162,7 +166,7 @@ class UpdatesComponent:
         self._tasks.clear()
 
     def _start(self, job: Job) -> None:
-        if job.job in self._tasks and not self._tasks[job.job].done():
+        if self._closing or (job.job in self._tasks and not self._tasks[job.job].done()):
             return
         task = asyncio.create_task(self._drive(job), name=f"update-job:{job.job}")
         task.add_done_callback(lambda _t: self._wake.set())
@@ -197,7 +201,10 @@ class UpdatesComponent:
                 self._once.warning("bad-job-id", "update message with an invalid job id dropped: %s", topic)
                 return
             if rest == "manifest":
-                await self._on_manifest(job_id, topic, payload)
+                # the device topic and each group topic have their own worker: one manifest at a
+                # time, so the same job id cannot be accepted twice (or twice differently)
+                async with self._manifest_lock:
+                    await self._on_manifest(job_id, topic, payload)
             elif rest.startswith("chunk/"):
                 await self._on_chunk(job_id, rest[6:], payload)
             elif rest == "cancel":
@@ -244,9 +251,7 @@ class UpdatesComponent:
             await asyncio.to_thread(self.journal.add, job)
             self._after_transition(job)
             return
-        key = f"{m.kind}/{m.name}"
-        self.journal.newest_issued[key] = max(m.issued_at, self.journal.newest_issued.get(key, 0.0))
-        await asyncio.to_thread(self.journal.add, job)
+        await asyncio.to_thread(self.journal.add, job, (f"{m.kind}/{m.name}", m.issued_at))
         self._after_transition(job)
         self._start(job)
 
@@ -336,8 +341,7 @@ class UpdatesComponent:
         task = self._tasks.pop(job_id, None)
         if task is not None:
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await asyncio.wait({task})  # unlike awaiting it, this keeps our own cancellation
         await self._transition(job, "cancelled", "cancelled by operator")
         await self._cleanup(job)
 

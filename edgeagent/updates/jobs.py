@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,7 @@ class Journal:
         self.path = Path(state_dir) / JOURNAL
         self.jobs: dict[str, Job] = {}
         self.newest_issued: dict[str, float] = {}  # "kind/name" -> issued_at
+        self._lock = threading.RLock()  # saves come from several worker threads
         self.firmware: dict[str, str] = {}  # {"version", "slot"} of the last committed firmware
 
     def load(self) -> None:
@@ -112,32 +114,41 @@ class Journal:
         self.firmware = {str(k): str(v) for k, v in raw.get("firmware", {}).items()}
 
     def save(self) -> None:
-        finals = sorted((j for j in self.jobs.values() if j.final), key=lambda j: j.updated)
-        for old in finals[:-MAX_FINAL_JOBS] if len(finals) > MAX_FINAL_JOBS else []:
-            del self.jobs[old.job]
-        atomic_write_json(self.path, {"v": 1, "jobs": [j.as_dict() for j in self.jobs.values()],
-                                      "newest_issued": self.newest_issued, "firmware": self.firmware},
-                          mode=0o600)
+        """Persist everything. Jobs of both kinds save from worker threads: one lock makes each
+        save see a whole state and land in order (an older snapshot never renames over a newer)."""
+        with self._lock:
+            finals = sorted((j for j in self.jobs.values() if j.final), key=lambda j: j.updated)
+            for old in finals[:-MAX_FINAL_JOBS] if len(finals) > MAX_FINAL_JOBS else []:
+                del self.jobs[old.job]
+            atomic_write_json(self.path, {"v": 1, "jobs": [j.as_dict() for j in self.jobs.values()],
+                                          "newest_issued": self.newest_issued, "firmware": self.firmware},
+                              mode=0o600)
 
     def transition(self, job: Job, state: str, reason: str = "", **changes: Any) -> Job:
         """Move `job` to `state` and persist it before returning (before any side effect)."""
-        if state not in TRANSITIONS.get(job.state, frozenset()):
-            raise InvalidTransition(f"job {job.job}: {job.state} -> {state} is not allowed")
-        job.state = state
-        job.reason = reason
-        for k, v in changes.items():
-            setattr(job, k, v)
-        job.updated = time.time()
-        job.history.append((state, job.updated))
-        del job.history[:-50]
-        self.jobs[job.job] = job
-        self.save()
+        with self._lock:
+            if state not in TRANSITIONS.get(job.state, frozenset()):
+                raise InvalidTransition(f"job {job.job}: {job.state} -> {state} is not allowed")
+            job.state = state
+            job.reason = reason
+            for k, v in changes.items():
+                setattr(job, k, v)
+            job.updated = time.time()
+            job.history.append((state, job.updated))
+            del job.history[:-50]
+            self.jobs[job.job] = job
+            self.save()
         return job
 
-    def add(self, job: Job) -> None:
-        job.history.append((job.state, job.updated))
-        self.jobs[job.job] = job
-        self.save()
+    def add(self, job: Job, issued: tuple[str, float] | None = None) -> None:
+        """Record a new job (and, for an accepted manifest, its kind/name's newest issued_at)."""
+        with self._lock:
+            job.history.append((job.state, job.updated))
+            self.jobs[job.job] = job
+            if issued is not None:
+                key, issued_at = issued
+                self.newest_issued[key] = max(issued_at, self.newest_issued.get(key, 0.0))
+            self.save()
 
     def unfinished(self) -> list[Job]:
         return sorted((j for j in self.jobs.values() if not j.final), key=lambda j: j.created)
