@@ -96,10 +96,14 @@ def test_corrupt_file_is_moved_aside_and_seq_continues(tmp_path: Path) -> None:
 def test_runtime_recover_moves_the_file_aside(tmp_path: Path) -> None:
     s = open_spool(tmp_path / "spool.sqlite")
     s.add_sample({"ts": 1.0})
+    s.add_sample({"ts": 2.0})
+    last_id = s.max_id()
     rec = s.recover("DatabaseError: database disk image is malformed")
     assert rec.moved_to.exists()
     assert s.count == 0
     assert s.add_sample({"ts": 1.0}) > 1  # above the reserved block, never reused
+    # row ids go on: a publisher that already sent up to last_id finds the new rows
+    assert [r.id for r in s.fetch(last_id, None, 10)] == [last_id + 1]
     s.close()
 
 

@@ -141,6 +141,7 @@ class Spool:
         self.bytes = 0  # estimated bytes of those rows
         self.states_pending = 0
         self.recovered: Recovered | None = None
+        self._high_id = 0  # the highest outbox row id ever handed out (survives a recovery)
 
     # ------------------------------------------------------------------ open / close
 
@@ -172,6 +173,7 @@ class Spool:
     def recover(self, reason: str) -> Recovered:
         """The spool went bad while running: move it aside and continue with a new one."""
         with self._lock:
+            high_id = self._high_id
             self._close_db()
             self.recovered = Recovered(self._move_aside(), reason)
             log.error("spool is corrupt; moved aside and starting a new one",
@@ -179,6 +181,10 @@ class Spool:
                                     "error": reason}})
             try:
                 self._open_db()
+                # row ids go on from where the old file was: the running publisher asks for rows
+                # after the last id it saw, and would never see a new file's ids 1, 2, ...
+                self.db.execute("INSERT OR REPLACE INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)",
+                                (high_id,))
             except sqlite3.Error as exc:
                 raise SpoolError(self.path, f"cannot create a new spool: {exc}") from exc
             return self.recovered
@@ -193,6 +199,8 @@ class Spool:
         if not check or check[0] != "ok":
             raise sqlite3.DatabaseError(f"quick_check: {check[0] if check else 'no answer'}")
         db.executescript(_SCHEMA)
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        self._high_id = max(self._high_id, int(row[0]) if row else 0)
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         reserved = self._read_reserved()
         for name in self._seq:
@@ -288,8 +296,8 @@ class Spool:
         try:
             if self.bytes + size > self.max_bytes:
                 self._drop_oldest(self.bytes + size - self.max_bytes)
-            db.execute("INSERT INTO outbox (kind, topic, payload, ts) VALUES (?, ?, ?, ?)",
-                       (kind, topic, payload, time.time()))
+            cur = db.execute("INSERT INTO outbox (kind, topic, payload, ts) VALUES (?, ?, ?, ?)",
+                             (kind, topic, payload, time.time()))
             if seq_name is not None:
                 db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"seq_{seq_name}", seq))
             db.execute("COMMIT")
@@ -297,6 +305,7 @@ class Spool:
             db.execute("ROLLBACK")
             self._refresh_counts()
             raise
+        self._high_id = max(self._high_id, cur.lastrowid or 0)
         if seq_name is not None:
             self._seq[seq_name] = seq
         self.count += 1
