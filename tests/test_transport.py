@@ -361,3 +361,20 @@ def test_status_follows_the_model_once_it_is_known(tmp_path: Path, broker: Broke
         asyncio.run(main())
     finally:
         obs.close()
+
+
+def test_hostile_retained_ping_does_not_break_the_session(tmp_path: Path, broker: Broker) -> None:
+    """A retained junk message on the device's own ping topic would come back on every connect."""
+    for junk in ('{"n": 1e999}', '{"n": [1]}', "[" * 50_000):
+        subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-t", "edge/dev1/ping", "-r", "-m", junk],
+                       check=True, timeout=10)
+        # only the last one stays retained; each is delivered at least to the next connect
+
+    async def main() -> None:
+        hub = Hub(make_config(tmp_path / "state", broker.port))
+        async with TransportComponent(hub) as t:
+            await async_wait_until(lambda: hub.sections()["mqtt"]["rtt_ms"] is not None, 15)
+            assert t.session is not None and t.session.connects == 1
+            assert hub.router.connected
+
+    asyncio.run(main())

@@ -418,7 +418,9 @@ class Session:
     def _pong(self, payload: bytes) -> None:
         try:
             n = json.loads(payload)["n"]
-            sent = self._pings.pop(int(n))
-        except (ValueError, KeyError, TypeError):
-            return  # not ours (another session of the same device, or a stray message)
+            if not isinstance(n, int) or isinstance(n, bool):
+                return
+            sent = self._pings.pop(n)
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return  # not ours (another session of the same device, or a stray or hostile message)
         self.rtt_ms = round((time.monotonic() - sent) * 1000.0, 2)
