@@ -14,7 +14,9 @@ from edgeagent.errors import InstallerCommandError
 __all__ = ["ARTIFACT", "OPS", "PRESETS", "SAFE_PATH", "InstallerCommandError", "command_for", "parse_slot",
            "validate_override"]
 
-OPS = ("install", "reboot", "mark-good", "mark-bad", "slot")
+# mark-bad: the booted (new) slot failed its health check; abort: still booted in the old slot,
+# drop the pending install (a reboot that failed) so the untested slot never boots later
+OPS = ("install", "reboot", "mark-good", "mark-bad", "abort", "slot")
 ARTIFACT = "{artifact}"
 
 # The installer service runs with this PATH; an override may also name an absolute path.
@@ -32,6 +34,7 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "reboot": _REBOOT,
         "mark-good": ["rauc", "status", "mark-good"],
         "mark-bad": ["rauc", "status", "mark-bad"],
+        "abort": ["rauc", "status", "mark-active", "booted"],
         "slot": ["rauc", "status", "--output-format=shell"],
     },
     # SWUpdate with a U-Boot environment and the usual `ustate` transaction variable
@@ -41,6 +44,7 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "reboot": _REBOOT,
         "mark-good": ["fw_setenv", "ustate", "0"],
         "mark-bad": ["fw_setenv", "ustate", "3"],
+        "abort": ["fw_setenv", "upgrade_available", "0"],  # board-specific: override where needed
         "slot": ["fw_printenv", "-n", "rootfs"],
     },
     # Mender client 4 (mender-update); for Mender 3 override with `mender install|commit|rollback`.
@@ -49,6 +53,7 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "reboot": _REBOOT,
         "mark-good": ["mender-update", "commit"],
         "mark-bad": ["mender-update", "rollback"],
+        "abort": ["mender-update", "rollback"],
         "slot": ["fw_printenv", "-n", "mender_boot_part"],
     },
     # A site script of your own: `<script> install <artifact>`, `<script> slot`, ...

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, required=True)
     p.add_argument("--fail", action="store_true", help="exit 1 after printing an error")
     p.add_argument("--hang", action="store_true", help="sleep (until killed)")
-    p.add_argument("op", choices=("install", "reboot", "mark-good", "mark-bad", "slot"))
+    p.add_argument("op", choices=("install", "reboot", "mark-good", "mark-bad", "abort", "slot"))
     p.add_argument("artifact", nargs="?")
     a = p.parse_args(argv)
     root: Path = a.root
@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         booted_file.write_text(other + "\n")
         (root / "state").write_text("bad\n")
         print(f"slot {booted} marked bad; next boot: {other}")
+    elif a.op == "abort":  # still in the old slot: drop the pending install, keep booting this one
+        (root / "pending").unlink(missing_ok=True)
+        print(f"pending install dropped; next boot: {booted}")
     elif a.op == "slot":
         print(booted)
     return 0

@@ -125,3 +125,25 @@ def test_firmware_install_command_fails(tmp_path: Path, broker: Broker) -> None:
 
 def test_firmware_install_command_hangs_and_is_killed(tmp_path: Path, broker: Broker) -> None:
     firmware_run(tmp_path, broker, "--hang", "install failed (timed out)")
+
+
+def test_a_failed_reboot_aborts_the_pending_install_and_keeps_the_running_slot(tmp_path: Path,
+                                                                                broker: Broker) -> None:
+    """Still booted in the old slot: never mark it bad; drop the untested one instead."""
+    ab = tmp_path / "ab"
+    (tmp_path / "fw-version").write_text("1.0.0\n")
+    image = tmp_path / "rootfs.img"
+    image.write_bytes(os.urandom(50_000))
+
+    async def body(c: Ctx) -> None:
+        result = await c.push(signed(image, c.key, job="fw", kind="firmware", name="rootfs",
+                                     version="1.1.0"), image)
+        assert result.states == {"dev1": "failed"}
+        assert "reboot failed" in result.reasons["dev1"], result.reasons
+        ops = (ab / "ops.log").read_text().split("\n")
+        assert "abort" in ops and "mark-bad" not in ops
+        assert (ab / "booted").read_text().strip() == "A"  # the running slot is untouched
+        assert not (ab / "pending").exists()  # the untested slot will not boot at the next power cycle
+
+    run(tmp_path, broker, body, updates={"firmware": {
+        "commands": fake_ab_commands(ab, reboot="--fail"), "command_timeout_s": 5.0}})

@@ -84,7 +84,7 @@ def make_config(tmp: Path, pub: Path | None, broker_port: int | None = None, dev
 def fake_ab_commands(ab: Path, **flags: str) -> dict[str, list[str]]:
     """updates.firmware.commands for the fake A/B installer (flags: e.g. install="--fail")."""
     cmds: dict[str, list[str]] = {}
-    for op in ("install", "reboot", "mark-good", "mark-bad", "slot"):
+    for op in ("install", "reboot", "mark-good", "mark-bad", "abort", "slot"):
         argv = [sys.executable, str(FAKE_AB), "--root", str(ab)]
         if op in flags:
             argv.append(flags[op])

@@ -124,7 +124,7 @@ class AgentProc:
         self.state.mkdir(parents=True, exist_ok=True)
         fw = [sys.executable, "-m", "edgeagent.trial.fwtool", "--ab", str(FAKE_AB), "--root", str(self.ab)]
         commands = {op: [*fw, op] + (["{artifact}"] if op == "install" else [])
-                    for op in ("install", "reboot", "mark-good", "mark-bad", "slot")}
+                    for op in ("install", "reboot", "mark-good", "mark-bad", "abort", "slot")}
         raw: dict[str, Any] = {
             "device": {"id": spec.device, "state_dir": str(self.state), "hardware": "rpi4",
                        "groups": ["trial"]},

@@ -46,6 +46,10 @@ class FirmwareFlow:
     async def install(self, job: Job) -> None:
         if job.previous_slot is None:
             job.previous_slot = await self.current_slot(job)
+            if job.previous_slot is None:
+                # without it a bootloader fallback would be taken for a successful boot
+                await self.transition(job, "failed", "cannot read the booted slot before installing")
+                return
             await asyncio.to_thread(self.journal.save)
         artifact = self.updates_dir / job.job / "artifact"
         res = await self.runner().run("install", artifact, job.job, self._log_path(job))
@@ -55,12 +59,14 @@ class FirmwareFlow:
         await self.transition(job, "rebooting", "installed; rebooting into the new slot", boot_attempts=0)
         res = await self.runner().run("reboot", None, job.job, self._log_path(job))
         if not res.ok:
-            await self.runner().run("mark-bad", None, job.job, self._log_path(job))
+            # still booted in the old, good slot: drop the pending install (never mark-bad here:
+            # that would condemn the slot we are running from)
+            await self.runner().run("abort", None, job.job, self._log_path(job))
             await self.transition(job, "failed", res.describe("reboot"))
             return
         # A real reboot stops us here. If we are still alive long after, the reboot did not happen.
         await asyncio.sleep(self.hub.config.updates.firmware.health_timeout_s)
-        await self.runner().run("mark-bad", None, job.job, self._log_path(job))
+        await self.runner().run("abort", None, job.job, self._log_path(job))
         await self.transition(job, "failed", "reboot requested but did not happen")
 
     async def after_reboot(self, job: Job) -> None:
@@ -73,7 +79,13 @@ class FirmwareFlow:
             return
         slot = await self.current_slot(job)
         self.booted_slot = slot
-        if slot is not None and job.previous_slot is not None and slot == job.previous_slot:
+        if slot is None:
+            await self.rollback(job, "cannot read the booted slot after the reboot")
+            return
+        if job.previous_slot is not None and slot == job.previous_slot:
+            # the bootloader fell back, or we died before the reboot: make sure the untested slot
+            # is not left pending for the next power cycle
+            await self.runner().run("abort", None, job.job, self._log_path(job))
             await self.transition(job, "rolled_back", f"booted the previous slot {slot} again "
                                                        f"(the bootloader fell back)")
             return
