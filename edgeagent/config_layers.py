@@ -45,7 +45,7 @@ _INT64 = (-(2**63), 2**63 - 1)
 # --------------------------------------------------------------------------- TOML writer
 
 
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+\Z")
 
 
 def toml_string(s: str) -> str:

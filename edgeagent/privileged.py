@@ -54,7 +54,7 @@ DEFAULT_TIMEOUT_S = 1800.0
 # Root-only (the installer unit's StateDirectory=): where a validated artifact gets a name the agent
 # cannot swap before the command opens it.
 DEFAULT_STAGING_DIR = Path("/var/lib/edgeagent-installer")
-_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 

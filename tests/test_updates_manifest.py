@@ -109,6 +109,10 @@ def test_strict_fields(env: dict[str, Any]) -> None:
     assert "expires must be after" in field_reason(env, expires=0)
     assert "targets.arch" in field_reason(env, targets={"arch": "x86_64"})
     assert "unsupported protocol version" in field_reason(env, v=2)
+    assert "below 2^53" in field_reason(env, size=10**400)  # no float overflow on the way
+    assert "finite times" in field_reason(env, expires=10**400)
+    assert "job id" in field_reason(env, job="j1\n")  # "$" would have let a newline through
+    assert "invalid version" in field_reason(env, version="1.4.0\n")
 
 
 def test_version_order() -> None:

@@ -26,7 +26,7 @@ MODEL_FILE = "model.tflite"
 META_FILE = "model.toml"
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models"
 SHIPPED_FILES = {"int8": "model.tflite", "float": "model_float.tflite"}
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}\Z")
 
 
 def check_name(kind: str, value: str) -> str:

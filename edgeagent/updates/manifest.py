@@ -21,10 +21,10 @@ if TYPE_CHECKING:  # cryptography is imported on first use (signing.py): ~8 MiB 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 KINDS = ("model", "firmware")
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-VERSION_RE = re.compile(r"^(\d{1,9})(?:\.(\d{1,9})){0,3}(?:-([A-Za-z0-9.]{1,32}))?$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+VERSION_RE = re.compile(r"^(\d{1,9})(?:\.(\d{1,9})){0,3}(?:-([A-Za-z0-9.]{1,32}))?\Z")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,11 +126,12 @@ def parse(msg: Mapping[str, Any]) -> Manifest:
     size = _get(msg, "size", int, "an integer")
     chunk_size = _get(msg, "chunk_size", int, "an integer")
     chunks = _get(msg, "chunks", int, "an integer")
-    if size <= 0 or chunk_size <= 0 or chunks <= 0:
-        raise ManifestRejected("manifest: size, chunk_size and chunks must be positive", job)
-    if chunks != math.ceil(size / chunk_size):
+    if not (0 < size < 2**53 and 0 < chunk_size < 2**53 and 0 < chunks < 2**53):
+        raise ManifestRejected("manifest: size, chunk_size and chunks must be positive (below 2^53)", job)
+    expected_chunks = -(-size // chunk_size)  # exact integer ceil: no float rounding
+    if chunks != expected_chunks:
         raise ManifestRejected(f"manifest: size mismatch: {size} bytes in chunks of {chunk_size} is "
-                               f"{math.ceil(size / chunk_size)} chunks, manifest says {chunks}", job)
+                               f"{expected_chunks} chunks, manifest says {chunks}", job)
     sha = _get(msg, "sha256", str, "a string")
     if not SHA256_RE.match(sha):
         raise ManifestRejected("manifest: sha256 must be 64 lowercase hex digits", job)
@@ -157,8 +158,13 @@ def parse(msg: Mapping[str, Any]) -> Manifest:
             version_key(min_agent)
         except ValueError as exc:
             raise ManifestRejected(f"manifest: min_agent: {exc}", job) from None
-    issued_at = float(_get(msg, "issued_at", (int, float), "a number"))
-    expires = float(_get(msg, "expires", (int, float), "a number"))
+    try:
+        issued_at = float(_get(msg, "issued_at", (int, float), "a number"))
+        expires = float(_get(msg, "expires", (int, float), "a number"))
+    except OverflowError:
+        raise ManifestRejected("manifest: issued_at and expires must be finite times", job) from None
+    if not (math.isfinite(issued_at) and math.isfinite(expires)):
+        raise ManifestRejected("manifest: issued_at and expires must be finite times", job)
     if expires <= issued_at:
         raise ManifestRejected("manifest: expires must be after issued_at", job)
     critical = msg.get("critical", False)
