@@ -151,7 +151,10 @@ def validate(model_dir: Path, name: str, version: str, *, settings: LoadSettings
                 got = run(np.asarray(g.input, dtype=np.float32))
             except Exception as exc:
                 raise reject(f"golden[{i}] ({g.label}): invoke failed: {exc}") from exc
-            diff = float(np.max(np.abs(got - np.asarray(g.output, dtype=np.float32))))
+            want = np.asarray(g.output, dtype=np.float32)
+            if want.size != got.size:  # no broadcasting: a short golden must not pass everything
+                raise reject(f"golden[{i}] ({g.label}): {want.size} expected values for {got.size} outputs")
+            diff = float(np.max(np.abs(got.reshape(-1) - want.reshape(-1))))
             if not diff <= meta.golden_tolerance:
                 raise reject(f"golden[{i}] ({g.label}): output {np.round(got, 4).tolist()} differs from "
                              f"{list(g.output)} by {diff:.3g} > {meta.golden_tolerance}")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from edgeagent.errors import ChunkRejected
-from edgeagent.fsutil import atomic_write_bytes
+from edgeagent.fsutil import atomic_write_bytes, fsync_dir
 from edgeagent.updates.manifest import Manifest
 
 PART = "artifact.part"
@@ -180,6 +180,7 @@ class Transfer:
         digest = sha256_file(self.part_path)
         if digest == self.m.sha256:
             os.replace(self.part_path, self.artifact_path)
+            fsync_dir(self.artifact_path.parent)  # durable before the job says "verified"
         return digest
 
 
