@@ -161,6 +161,20 @@ def test_decompression_bomb_stops_early(tmp_path: Path) -> None:
     assert not (tmp_path / "staged").exists()
 
 
+def test_header_bomb_is_cut_off_while_decompressing(tmp_path: Path) -> None:
+    """A GNU long name is read whole before tarfile yields the member: member sizes bound nothing."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.GNU_FORMAT) as t:
+        info = tarfile.TarInfo("a" * (8 << 20))  # an 8 MiB file name, 0 bytes of data
+        t.addfile(info, io.BytesIO(b""))
+    art = tmp_path / "headers.tar.gz"
+    art.write_bytes(buf.getvalue())
+    with pytest.raises(BundleRejected) as exc:
+        bundle.stage(art, tmp_path / "staged", 1 << 20)  # 1 MiB may unpack (+1 MiB for headers)
+    assert "decompression bomb" in exc.value.reason
+    assert not (tmp_path / "staged").exists()
+
+
 # ------------------------------------------------------------------ journal
 
 
