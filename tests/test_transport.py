@@ -378,3 +378,26 @@ def test_hostile_retained_ping_does_not_break_the_session(tmp_path: Path, broker
             assert hub.router.connected
 
     asyncio.run(main())
+
+
+def test_handler_queue_is_bounded_in_bytes_dropping_the_oldest() -> None:
+    """A busy updates handler must not hold a whole group's chunks in RAM."""
+    from edgeagent.transport.router import HANDLER_QUEUE_MAX_BYTES
+
+    async def main() -> None:
+        router = SessionRouter()
+
+        async def handler(topic: str, payload: bytes) -> None:
+            raise AssertionError("not started: nothing is handled in this test")
+
+        router.subscribe("edge/dev1/updates/+/#", handler)
+        chunk = b"x" * (3 << 20)
+        for i in range(5):
+            assert router.dispatch(f"edge/dev1/updates/j/chunk/{i}", chunk) == 1
+        sub = router.subscriptions[0]
+        assert sub.queued_bytes <= HANDLER_QUEUE_MAX_BYTES
+        assert sub.dropped == 3
+        kept = [sub.queue.get_nowait()[0] for _ in range(sub.queue.qsize())]
+        assert kept == ["edge/dev1/updates/j/chunk/3", "edge/dev1/updates/j/chunk/4"]  # the newest
+
+    asyncio.run(main())

@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 _once = Once(log)
 
 HANDLER_QUEUE_MAX = 1024
+# bytes waiting per handler: update chunks for a whole group (other devices' requests too) must
+# not pile up in RAM while the handler is busy writing; past this the oldest are dropped (and the
+# updates component asks again for what it misses)
+HANDLER_QUEUE_MAX_BYTES = 8 << 20
 
 
 @dataclass
@@ -31,6 +35,7 @@ class Subscription:
         default_factory=lambda: asyncio.Queue(maxsize=HANDLER_QUEUE_MAX))
     dropped: int = 0
     errors: int = 0
+    queued_bytes: int = 0
     task: asyncio.Task[None] | None = None
 
 
@@ -82,13 +87,18 @@ class SessionRouter:
             if not topic_matches_sub(sub.topic_filter, topic):
                 continue
             matched += 1
-            if sub.queue.full():
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    sub.queue.get_nowait()
+            while sub.queue.full() or (sub.queue.qsize() and
+                                       sub.queued_bytes + len(payload) > HANDLER_QUEUE_MAX_BYTES):
+                try:
+                    _t, old = sub.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                sub.queued_bytes -= len(old)
                 sub.dropped += 1
                 _once.warning(f"full:{sub.topic_filter}", "handler queue full; dropped the oldest message",
                               extra={"kv": {"filter": sub.topic_filter, "dropped": sub.dropped}})
             sub.queue.put_nowait((topic, payload))
+            sub.queued_bytes += len(payload)
         return matched
 
     def start(self) -> None:
@@ -114,6 +124,7 @@ class SessionRouter:
     async def _worker(self, sub: Subscription) -> None:
         while True:
             topic, payload = await sub.queue.get()
+            sub.queued_bytes -= len(payload)
             try:
                 await sub.handler(topic, payload)
             except asyncio.CancelledError:
