@@ -119,5 +119,8 @@ def test_version_order() -> None:
     assert manifest.compare_versions("1.10.0", "1.9.9") == 1
     assert manifest.compare_versions("1.4", "1.4.0") == 0
     assert manifest.compare_versions("2.0.0-rc1", "2.0.0") == -1
+    assert manifest.compare_versions("2.0.0-rc10", "2.0.0-rc2") == 1  # natural, not string order
+    assert manifest.compare_versions("2.0.0-beta.10", "2.0.0-beta.9") == 1
+    assert manifest.compare_versions("2.0.0-rc1", "2.0.0-beta") == 1
     with pytest.raises(ValueError):
         manifest.version_key("1.x")

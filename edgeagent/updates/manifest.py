@@ -68,15 +68,20 @@ class Checks:
     max_chunk: int
 
 
-def version_key(text: str) -> tuple[tuple[int, ...], int, str]:
-    """A sortable key for "1.4.0", "1.4.0-rc1" (pre-releases sort below the release); ValueError else."""
+VersionKey = tuple[tuple[int, ...], int, tuple[tuple[int, int, str], ...]]
+
+
+def version_key(text: str) -> VersionKey:
+    """A sortable key for "1.4.0", "1.4.0-rc1" (pre-releases sort below the release); ValueError else.
+    Pre-release tags compare naturally, digit runs as numbers: rc2 < rc10, beta.2 < beta.10."""
     m = VERSION_RE.match(text)
     if not m:
         raise ValueError(f"invalid version {text!r} (expected digits and dots, e.g. 1.4.0)")
     main, _, pre = text.partition("-")
     nums = [int(x) for x in main.split(".")]
     nums += [0] * (4 - len(nums))
-    return tuple(nums), (0 if pre else 1), pre
+    tag = tuple((0, int(run), "") if run.isdigit() else (1, 0, run) for run in re.findall(r"\d+|\D+", pre))
+    return tuple(nums), (0 if pre else 1), tag
 
 
 def compare_versions(a: str, b: str) -> int:
