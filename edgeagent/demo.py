@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,38 +20,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeagent.trial.fleet import MOSQUITTO, Broker
+
 ROOT = Path(__file__).resolve().parent.parent
 DEV_CONFIG = ROOT / "configs" / "dev.toml"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int] | None:
-    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto")
-                                           else None)
-    if binary is None:
+def start_broker(workdir: Path) -> Broker | None:
+    """A throwaway loopback Mosquitto (the field trial's launcher), or None when there is none."""
+    if not os.path.exists(MOSQUITTO):
         return None
-    port = _free_port()
-    conf = workdir / "mosquitto.conf"
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false",
-             f"log_dest file {workdir / 'mosquitto.log'}"]
-    if os.geteuid() == 0:
-        lines.append("user root")
-    conf.write_text("\n".join(lines) + "\n")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    return None
+    try:
+        return Broker(workdir / "broker").start()
+    except (OSError, RuntimeError):
+        return None
 
 
 def _fmt_metrics(m: dict[str, Any]) -> str:
@@ -107,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     broker = start_broker(work)
     sub = None
     if broker:
-        env.update(EDGEAGENT_MQTT_HOST="127.0.0.1", EDGEAGENT_MQTT_PORT=str(broker[1]))
-        print(f"demo: Mosquitto on 127.0.0.1:{broker[1]}, state in {work}/state", flush=True)
-        sub = _subscribe(broker[1])
+        env.update(EDGEAGENT_MQTT_HOST="127.0.0.1", EDGEAGENT_MQTT_PORT=str(broker.port))
+        print(f"demo: Mosquitto on 127.0.0.1:{broker.port}, state in {work}/state", flush=True)
+        sub = _subscribe(broker.port)
     else:
         env.update(EDGEAGENT_MQTT_HOST="")
         print(f"demo: no mosquitto binary: the agent runs offline; state in {work}/state", flush=True)
@@ -137,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if sub:
             sub.loop_stop()
         if broker:
-            broker[0].terminate()
-            broker[0].wait(5)
+            broker.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(f"demo: agent exited with {agent.returncode}")
     return 0 if agent.returncode == 0 else 1

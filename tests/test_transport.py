@@ -16,7 +16,7 @@ from edgeagent.telemetry import TelemetryComponent
 from edgeagent.transport import Spool, TransportComponent
 from edgeagent.transport.router import SessionRouter
 from tests.broker import Broker
-from tests.transport_util import Observer, contiguous, make_config
+from tests.transport_util import Observer, assert_retained_shutdown, contiguous, make_config
 from tests.util import async_wait_until
 
 pytestmark = pytest.mark.integration
@@ -105,15 +105,7 @@ def test_presence_online_then_shutdown_and_events(tmp_path: Path, broker: Broker
         asyncio.run(main())
     finally:
         obs.close()
-    # retained: a newcomer sees "offline"/"shutdown", not the last will
-    late = Observer(broker.port, ("edge/dev1/status",), client_id="late")
-    try:
-        from tests.util import wait_until
-
-        wait_until(lambda: late.on("edge/dev1/status"), 10)
-        assert late.on("edge/dev1/status")[-1]["reason"] == "shutdown"
-    finally:
-        late.close()
+    assert_retained_shutdown(broker.port)
 
 
 def test_router_runs_handlers_apart_and_survives_errors(tmp_path: Path, broker: Broker,

@@ -15,7 +15,7 @@ import pytest
 
 from edgeagent.transport import Spool
 from tests.broker import Broker
-from tests.transport_util import Observer, contiguous
+from tests.transport_util import Observer, assert_retained_shutdown, contiguous
 from tests.util import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -166,11 +166,5 @@ def test_status_last_will_and_clean_shutdown(tmp_path: Path, broker: Broker, age
     finally:
         agent.stop()
         obs.close()
-    # the retained value a newcomer sees is the clean shutdown, not a last will
-    late = Observer(broker.port, ("edge/dev1/status",), client_id="late")
-    try:
-        wait_until(lambda: late.on("edge/dev1/status"), 10)
-        assert late.on("edge/dev1/status")[-1]["reason"] == "shutdown"
-    finally:
-        late.close()
+    assert_retained_shutdown(broker.port)
     assert os.path.exists(agent.state / "spool.sqlite")

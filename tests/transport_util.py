@@ -90,3 +90,16 @@ def make_config(state_dir: Path, port: int | None, **sections: Mapping[str, Any]
 
 def contiguous(seqs: list[int], first: int, last: int) -> bool:
     return set(range(first, last + 1)) <= set(seqs)
+
+
+def assert_retained_shutdown(port: int, device: str = "dev1", timeout_s: float = 10.0) -> None:
+    """A newcomer sees the retained clean "offline"/"shutdown", not the last will."""
+    from tests.util import wait_until
+
+    topic = f"edge/{device}/status"
+    late = Observer(port, (topic,), client_id="late")
+    try:
+        wait_until(lambda: late.on(topic), timeout_s)
+        assert late.on(topic)[-1]["reason"] == "shutdown"
+    finally:
+        late.close()
