@@ -25,10 +25,10 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from edgeagent import __version__
-from edgeagent.config import Config
+from edgeagent.core.config import Config
+from edgeagent.core.hub import Hub
+from edgeagent.core.sdnotify import Notifier
 from edgeagent.health import HealthWriter
-from edgeagent.hub import Hub
-from edgeagent.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ ComponentFactory = Callable[[Hub], Sequence[Component]]
 
 def default_components(hub: Hub) -> list[Component]:
     """The production set, in start order (stopped in reverse)."""
-    from edgeagent.monitor import MonitorComponent
+    from edgeagent.monitor.sampler import MonitorComponent
     from edgeagent.remote_config import RemoteConfigComponent
     from edgeagent.rules import RulesComponent
     from edgeagent.telemetry import TelemetryComponent

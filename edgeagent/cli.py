@@ -1,7 +1,9 @@
 """`edgeagent <command>`: the agent itself and the operator tools around it.
 
-Each capability registers its own subcommands through an `add_parsers(sub)` function, imported
-lazily so that `edgeagent run` does not pay for the fleet or push tools.
+The device's own verbs (run, check-config, status, metrics, config, spool) are imported lazily from
+the runtime; the operator's verbs (keygen, sign, push, fleet, bench-model) come from the
+`edgeagent.commands` entry points of `edgeagent.ops`, which the runtime never imports, so that
+`edgeagent run` pays for neither.
 """
 
 from __future__ import annotations
@@ -11,19 +13,21 @@ import asyncio
 import importlib
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from edgeagent import __version__
-from edgeagent.errors import ConfigError
+from edgeagent.core.errors import ConfigError
 
-# modules with `add_parsers(sub: argparse._SubParsersAction) -> None`
-PLUGINS: tuple[str, ...] = ("edgeagent.monitor", "edgeagent.config_cli", "edgeagent.inference.bench",
-                           "edgeagent.updates.cli", "edgeagent.transport.cli", "edgeagent.status",
-                           "edgeagent.fleet.cli")
+# runtime modules with `add_parsers(sub: argparse._SubParsersAction) -> None`
+PLUGINS: tuple[str, ...] = ("edgeagent.monitor.sampler", "edgeagent.config_cli", "edgeagent.transport.cli",
+                           "edgeagent.status")
+# operator tools plug in from outside the runtime (pyproject.toml [project.entry-points])
+ENTRY_POINT_GROUP = "edgeagent.commands"
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from edgeagent import config as cfgmod
+    from edgeagent.core import config as cfgmod
 
     try:
         cfg = cfgmod.load(args.file)
@@ -45,9 +49,9 @@ def load_run_config(path: Path) -> object:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from edgeagent import logs
     from edgeagent.agent import run_agent
-    from edgeagent.config import Config
+    from edgeagent.core import logs
+    from edgeagent.core.config import Config
 
     try:
         cfg = load_run_config(args.config)
@@ -65,7 +69,8 @@ CORE_COMMANDS = ("run", "check-config")
 
 
 def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgeagent", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="edgeagent", description="The edge agent (run it, check it) and the operator tools around it.")
     p.add_argument("--version", action="version", version=f"edgeagent {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -80,8 +85,11 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     chk.add_argument("file", type=Path)
     chk.set_defaults(func=_cmd_check_config)
 
-    for name in PLUGINS if plugins else ():
-        importlib.import_module(name).add_parsers(sub)
+    if plugins:
+        for name in PLUGINS:
+            importlib.import_module(name).add_parsers(sub)
+        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            ep.load()(sub)
     return p
 
 

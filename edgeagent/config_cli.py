@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from edgeagent import config as cfgmod
-from edgeagent.config_layers import (
+from edgeagent.core import config as cfgmod
+from edgeagent.core.config_layers import (
     RESTART_KEYS,
     applied_path,
     changed_paths,
@@ -22,7 +22,7 @@ from edgeagent.config_layers import (
     load_effective,
     read_applied,
 )
-from edgeagent.errors import ConfigError
+from edgeagent.core.errors import ConfigError
 
 SECRET_KEYS = ("password",)  # never printed: `show` output ends up in tickets and chats
 

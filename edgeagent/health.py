@@ -13,8 +13,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from edgeagent import __version__
-from edgeagent.fsutil import atomic_write_json
-from edgeagent.logs import Once
+from edgeagent.core.fsutil import atomic_write_json
+from edgeagent.core.logs import Once
 
 if TYPE_CHECKING:
     from edgeagent.agent import Agent

@@ -33,9 +33,9 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
-from edgeagent import protocol
-from edgeagent.config import RemoteConfigConfig
-from edgeagent.config_layers import (
+from edgeagent.core import protocol
+from edgeagent.core.config import RemoteConfigConfig
+from edgeagent.core.config_layers import (
     AppliedState,
     ConfigLayers,
     check_remote_layer,
@@ -45,10 +45,10 @@ from edgeagent.config_layers import (
     restart_paths,
     write_applied,
 )
-from edgeagent.errors import ConfigError, ProtocolError, RemoteConfigRejected, SignatureInvalid
-from edgeagent.hub import Hub
-from edgeagent.logs import Once
-from edgeagent.signing import load_trusted_keys, verify
+from edgeagent.core.errors import ConfigError, ProtocolError, RemoteConfigRejected, SignatureInvalid
+from edgeagent.core.hub import Hub
+from edgeagent.core.logs import Once
+from edgeagent.core.signing import load_trusted_keys, verify
 
 __all__ = ["Desired", "RemoteConfigComponent", "config_sha256", "load_effective", "parse_desired"]
 log = logging.getLogger(__name__)

@@ -181,14 +181,14 @@ def resolve_state_dir(args: argparse.Namespace) -> Path:
     """--state-dir wins; else the config's device.state_dir (ConfigError propagates)."""
     if args.state_dir is not None:
         return Path(args.state_dir)
-    from edgeagent import config as cfgmod
+    from edgeagent.core import config as cfgmod
 
     return cfgmod.load(args.config).state_dir
 
 
 def main(args: argparse.Namespace) -> int:
     """`edgeagent status [--config F | --state-dir D] [--json]`."""
-    from edgeagent.errors import ConfigError
+    from edgeagent.core.errors import ConfigError
 
     try:
         state_dir = resolve_state_dir(args)

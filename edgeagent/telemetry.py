@@ -16,8 +16,8 @@ import time
 from types import TracebackType
 from typing import Any
 
-from edgeagent.hub import Hub
-from edgeagent.logs import Once
+from edgeagent.core.hub import Hub
+from edgeagent.core.logs import Once
 from edgeagent.transport.outbox import SampleSink
 
 log = logging.getLogger(__name__)

@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from edgeagent import config
-from edgeagent.hub import Hub, MemoryOutbox
+from edgeagent.core import config
+from edgeagent.core.hub import Hub, MemoryOutbox
 from edgeagent.inference.pipeline import InferenceComponent, Scored
 from edgeagent.inference.runtime import available_runtimes
-from edgeagent.sensors import VibrationSimulator
+from edgeagent.sensors.sources import VibrationSimulator
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "edgeagent" / "models" / "vibration-anomaly"

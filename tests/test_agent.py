@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from edgeagent import config
 from edgeagent.agent import Agent, Component
-from edgeagent.hub import Hub, MemoryOutbox
-from edgeagent.sdnotify import Notifier
+from edgeagent.core import config
+from edgeagent.core.hub import Hub, MemoryOutbox
+from edgeagent.core.sdnotify import Notifier
 from tests.util import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

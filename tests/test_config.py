@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent import config
-from edgeagent.errors import ConfigError
+from edgeagent.core import config
+from edgeagent.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.toml"))

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from edgeagent.config import GateConfig
-from edgeagent.context import DeviceContext, MetricsAverager, build_context, failing_gates, next_try_s
+from edgeagent.core.config import GateConfig
+from edgeagent.monitor.context import DeviceContext, MetricsAverager, build_context, failing_gates, next_try_s
 
 WED_10 = datetime(2026, 11, 25, 10, 0)  # a Wednesday
 ALL = GateConfig(battery_min_percent=30, load_max=1.5, cpu_max_percent=80, mem_free_min_mb=64,

@@ -11,9 +11,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeagent import config as cfgmod
-from edgeagent.config_layers import AppliedState, check_remote_layer, dumps_toml
-from edgeagent.errors import ConfigError, ExprError, ExprEvalError
+from edgeagent.core import config as cfgmod
+from edgeagent.core.config_layers import AppliedState, check_remote_layer, dumps_toml
+from edgeagent.core.errors import ConfigError, ExprError, ExprEvalError
 from edgeagent.rules.expr import MAX_DEPTH, Expr, parse
 
 if sys.version_info >= (3, 11):
@@ -190,7 +190,7 @@ def test_toml_writer_round_trips_or_refuses(table: dict[str, Any]) -> None:
 @FUZZ
 @given(st.binary(max_size=300))
 def test_random_desired_payloads_are_rejected_cleanly(payload: bytes) -> None:
-    from edgeagent.errors import RemoteConfigRejected
+    from edgeagent.core.errors import RemoteConfigRejected
     from edgeagent.remote_config import parse_desired
 
     try:
@@ -208,7 +208,7 @@ def test_structured_desired_messages_with_bogus_signatures_are_rejected(partial:
                                                                          sig: Any) -> None:
     import json
 
-    from edgeagent.errors import RemoteConfigRejected
+    from edgeagent.core.errors import RemoteConfigRejected
     from edgeagent.remote_config import parse_desired
 
     msg = {"v": 1, "version": 1, "config": partial, "sig": {"alg": "ed25519", "key_id": "ops", "value": sig}}
@@ -246,10 +246,10 @@ def test_signed_random_layers_never_crash_the_component(partial: dict[str, Any])
                 if rep["state"] == "rejected":
                     assert dev.hub.config is before, "a rejected config changes nothing"
                 # whatever happened is reportable and persisted in a readable form
-                from edgeagent import protocol
+                from edgeagent.core import protocol
 
                 protocol.dumps(rep)
-                from edgeagent.config_layers import read_applied
+                from edgeagent.core.config_layers import read_applied
 
                 assert read_applied(dev.dir / "state") is not None
 

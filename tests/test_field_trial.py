@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.trial.report import expected, missing, ranges, recovery_s
-from edgeagent.trial.schedule import CYCLE_S, FAULT_SLOTS_S, make_schedule
+from fieldtrial.report import expected, missing, ranges, recovery_s
+from fieldtrial.schedule import CYCLE_S, FAULT_SLOTS_S, make_schedule
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from edgeagent import protocol
-from edgeagent.fleet.collector import Collector, CollectorOptions
-from edgeagent.fleet.connect import BrokerUrl, connect_and_wait, make_client
-from edgeagent.fleet.metrics import FleetMetrics, serve
-from edgeagent.fleet.state import Thresholds, troubles
-from edgeagent.fleet.store import Store
+from edgeagent.core import protocol
+from edgeagent.ops.fleet.collector import Collector, CollectorOptions
+from edgeagent.ops.fleet.connect import BrokerUrl, connect_and_wait, make_client
+from edgeagent.ops.fleet.metrics import FleetMetrics, serve
+from edgeagent.ops.fleet.state import Thresholds, troubles
+from edgeagent.ops.fleet.store import Store
 from tests.broker import Broker
 from tests.util import free_port, wait_until
 
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "edgeagent.fleet.cli", *args]
+    return [sys.executable, "-m", "edgeagent.ops.fleet.cli", *args]
 
 
 @contextmanager

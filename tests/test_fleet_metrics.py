@@ -8,9 +8,9 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from edgeagent import protocol
-from edgeagent.fleet.metrics import FleetMetrics
-from edgeagent.fleet.state import FleetState
+from edgeagent.core import protocol
+from edgeagent.ops.fleet.metrics import FleetMetrics
+from edgeagent.ops.fleet.state import FleetState
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_800_000_000.0

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgeagent import protocol
-from edgeagent.errors import ProtocolError
-from edgeagent.fleet.state import (
+from edgeagent.core import protocol
+from edgeagent.core.errors import ProtocolError
+from edgeagent.ops.fleet.state import (
     DeviceState,
     FleetState,
     SeqTracker,
@@ -19,7 +19,7 @@ from edgeagent.fleet.state import (
     sort_by_trouble,
     troubles,
 )
-from edgeagent.fleet.watch import device_row, select
+from edgeagent.ops.fleet.watch import device_row, select
 
 T0 = 1_800_000_000.0
 

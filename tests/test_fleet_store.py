@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent import protocol
-from edgeagent.errors import FleetStoreError
-from edgeagent.fleet.state import FleetState
-from edgeagent.fleet.store import Store
+from edgeagent.core import protocol
+from edgeagent.core.errors import FleetStoreError
+from edgeagent.ops.fleet.state import FleetState
+from edgeagent.ops.fleet.store import Store
 
 T0 = 1_800_000_000.0
 
@@ -71,7 +71,7 @@ def test_a_missing_or_foreign_file_is_a_clear_error(tmp_path: Path):
     with pytest.raises(FleetStoreError, match="not a fleet database"):
         Store(junk)
     assert junk.read_bytes().startswith(b"this is not sqlite")
-    r = subprocess.run([sys.executable, "-m", "edgeagent.fleet.cli", "fleet", "devices", "--db",
+    r = subprocess.run([sys.executable, "-m", "edgeagent.ops.fleet.cli", "fleet", "devices", "--db",
                         str(tmp_path / "absent.sqlite")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no such database" in r.stderr
 
@@ -79,8 +79,8 @@ def test_a_missing_or_foreign_file_is_a_clear_error(tmp_path: Path):
 def test_a_full_history_queue_drops_the_oldest_rows_and_counts_them_while_state_stays_exact(tmp_path: Path):
     import paho.mqtt.client as mqtt
 
-    from edgeagent.fleet.collector import Collector, CollectorOptions
-    from edgeagent.fleet.connect import BrokerUrl
+    from edgeagent.ops.fleet.collector import Collector, CollectorOptions
+    from edgeagent.ops.fleet.connect import BrokerUrl
 
     c = Collector(CollectorOptions(broker=BrokerUrl.parse("mqtt://127.0.0.1:1"), db=tmp_path / "f.sqlite",
                                    queue_max=5))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from edgeagent import config
-from edgeagent.hub import Hub, MemoryOutbox
+from edgeagent.core import config
+from edgeagent.core.hub import Hub, MemoryOutbox
 
 
 def test_change_during_sleep_entry_is_not_lost() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.errors import ModelRejected, ModelRolledBack
+from edgeagent.core.errors import ModelRejected, ModelRolledBack
 from edgeagent.inference.store import ModelStore
 from tests.inference_helpers import (
     FIXTURES,

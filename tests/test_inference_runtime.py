@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeagent.errors import ModelLoadError, RuntimeUnavailable
+from edgeagent.core.errors import ModelLoadError, RuntimeUnavailable
 from edgeagent.inference.runtime import explain_load_error, import_runtime, load_interpreter
 from tests.inference_helpers import FIXTURES, MODELS, RUNTIMES, SHIPPED
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeagent import config
-from edgeagent.errors import ModelRejected
+from edgeagent.core import config
+from edgeagent.core.errors import ModelRejected
 from edgeagent.inference.pipeline import AnomalyState, thresholds
 from edgeagent.inference.preprocess import WindowSpec, load_model_meta
 from edgeagent.inference.runner import Result
@@ -22,7 +22,7 @@ NAME = "vibration-anomaly"
 
 
 def recent(n: int = 8, gain: float = 1.0) -> list[np.ndarray]:
-    from edgeagent.sensors import VibrationSimulator
+    from edgeagent.sensors.sources import VibrationSimulator
 
     sim = VibrationSimulator(1600.0, UNSEEN_SEED)
     return [sim.generate(256) * np.float32(gain) for _ in range(n)]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edgeagent.inference.preprocess import ModelMeta, Preprocessor, load_model_meta
-from edgeagent.sensors import VibrationSimulator, Windower
+from edgeagent.sensors.sources import VibrationSimulator, Windower
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "edgeagent" / "models" / "vibration-anomaly"

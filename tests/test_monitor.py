@@ -19,10 +19,10 @@ from typing import Any
 import psutil
 import pytest
 
-from edgeagent import config as cfgmod
-from edgeagent.config import MonitorConfig
-from edgeagent.hub import Hub
-from edgeagent.monitor import (
+from edgeagent.core import config as cfgmod
+from edgeagent.core.config import MonitorConfig
+from edgeagent.core.hub import Hub
+from edgeagent.monitor.sampler import (
     Metrics,
     MonitorComponent,
     Sampler,
@@ -141,7 +141,7 @@ def put(root: Path, rel: str, text: str) -> Path:
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "edgeagent.monitor" and r.levelno == logging.WARNING]
+            if r.name == "edgeagent.monitor.sampler" and r.levelno == logging.WARNING]
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -217,7 +217,7 @@ def test_cpu_memory_disk_and_agent_from_fake_readings(tmp_path: Path) -> None:
 
 
 def test_absent_sensors_are_omitted_not_faked(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="edgeagent.monitor")
+    caplog.set_level(logging.DEBUG, logger="edgeagent.monitor.sampler")
     sampler, _, clock, runner = make(tmp_path, disk_paths=("/missing", "/"))
     sampler.sample(0.0)
     clock.t += 1
@@ -289,7 +289,7 @@ def test_pi_throttled_from_vcgencmd_cached(tmp_path: Path) -> None:
 
 def test_vcgencmd_failure_is_omitted_and_not_retried_every_sample(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="edgeagent.monitor")
+    caplog.set_level(logging.DEBUG, logger="edgeagent.monitor.sampler")
     runner = Runner(fail=True)
     sampler, _, clock, _ = make(tmp_path, runner=runner, which="/usr/bin/vcgencmd",
                                 throttled_interval_s=10.0)
@@ -324,7 +324,7 @@ def test_jetson_gpu_load_per_mille(tmp_path: Path, rel: str) -> None:
 
 def test_jetson_gpu_load_configured_file_and_bad_value(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="edgeagent.monitor")
+    caplog.set_level(logging.DEBUG, logger="edgeagent.monitor.sampler")
     path = put(tmp_path, "custom/gpu_load", "1000")
     sampler, _, _, _ = make(tmp_path, jetson_gpu_load_file="/custom/gpu_load")
     assert sampler.sample(0.0).gpu_load_percent == 100.0
@@ -367,7 +367,7 @@ def test_power_status_values(tmp_path: Path) -> None:
 
 
 def test_bad_battery_file_is_omitted_not_replaced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="edgeagent.monitor")
+    caplog.set_level(logging.DEBUG, logger="edgeagent.monitor.sampler")
     ps = FakePsutil()
     ps.battery = SimpleNamespace(percent=20.0, power_plugged=None)
     sampler, _, _, _ = make(tmp_path, ps=ps, battery_file="/ups/missing")
@@ -390,7 +390,7 @@ def test_temperature_from_psutil_preferring_configured(tmp_path: Path) -> None:
 
 
 def test_temperature_falls_back_to_thermal_zones(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="edgeagent.monitor")
+    caplog.set_level(logging.DEBUG, logger="edgeagent.monitor.sampler")
     ps = FakePsutil()
     ps.temps = {"nvme": [Temp("", 40.0, None, None)]}  # present, but not a CPU sensor
     put(tmp_path, "sys/class/thermal/thermal_zone0/type", "iwlwifi_1\n")

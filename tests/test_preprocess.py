@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeagent.errors import ModelMetaError
+from edgeagent.core.errors import ModelMetaError
 from edgeagent.inference.preprocess import (
     ModelMeta,
     Preprocessor,

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from edgeagent.errors import InstallerCommandError, InstallerConfigError, RequestRejected
-from edgeagent.fsutil import atomic_write_json
-from edgeagent.installer_presets import OPS, PRESETS, command_for, parse_slot
-from edgeagent.privileged import (
+from edgeagent.core.errors import InstallerCommandError, InstallerConfigError, RequestRejected
+from edgeagent.core.fsutil import atomic_write_json
+from edgeagent.updates.installer_presets import OPS, PRESETS, command_for, parse_slot
+from edgeagent.updates.privileged import (
     OUTPUT_MAX_BYTES,
     load_config,
     open_artifact,
@@ -85,7 +85,7 @@ class Device:
 
     def run(self) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "edgeagent.privileged", "--state-dir", str(self.state),
+            [sys.executable, "-m", "edgeagent.updates.privileged", "--state-dir", str(self.state),
              "--config", str(self.config), "--staging-dir", str(self.staging)],
             cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
         )
@@ -386,7 +386,7 @@ def test_agent_side_runner_and_root_helper_speak_the_same_contract(device: Devic
     import asyncio
     import threading
 
-    from edgeagent.config import FirmwareConfig
+    from edgeagent.core.config import FirmwareConfig
     from edgeagent.updates.installers import PrivilegedRunner
 
     art = device.artifact(data=b"firmware 3.0\n")

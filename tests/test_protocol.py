@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edgeagent import protocol
-from edgeagent.errors import ProtocolError
+from edgeagent.core import protocol
+from edgeagent.core.errors import ProtocolError
 
 
 @pytest.mark.parametrize(("payload", "reason"), [

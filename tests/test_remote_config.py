@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgeagent import config as cfgmod
-from edgeagent import protocol
-from edgeagent.config_layers import APPLIED_FILE, load_effective, read_applied
-from edgeagent.errors import RemoteConfigRejected
-from edgeagent.hub import Handler, Hub, MemoryOutbox
+from edgeagent.core import config as cfgmod
+from edgeagent.core import protocol
+from edgeagent.core.config_layers import APPLIED_FILE, load_effective, read_applied
+from edgeagent.core.errors import RemoteConfigRejected
+from edgeagent.core.hub import Handler, Hub, MemoryOutbox
+from edgeagent.core.signing import generate_keypair, load_private_key, load_trusted_keys, sign
 from edgeagent.remote_config import RemoteConfigComponent, config_sha256, parse_desired
-from edgeagent.signing import generate_keypair, load_private_key, load_trusted_keys, sign
 
 
 class Clock:

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from edgeagent import protocol
 from edgeagent.agent import Agent, Component
-from edgeagent.config_layers import load_effective
-from edgeagent.hub import Hub
+from edgeagent.core import protocol
+from edgeagent.core.config_layers import load_effective
+from edgeagent.core.hub import Hub
+from edgeagent.core.signing import generate_keypair, load_private_key, sign
 from edgeagent.remote_config import RemoteConfigComponent
-from edgeagent.signing import generate_keypair, load_private_key, sign
 from edgeagent.telemetry import TelemetryComponent
 from edgeagent.transport import TransportComponent
 from tests.broker import Broker

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgeagent.config_layers import AppliedState, write_applied
+from edgeagent.core.config_layers import AppliedState, write_applied
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -8,10 +8,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from edgeagent import config as cfgmod
-from edgeagent.config_layers import layers_for
-from edgeagent.context import build_context, failing_gates
-from edgeagent.hub import Hub, MemoryOutbox
+from edgeagent.core import config as cfgmod
+from edgeagent.core.config_layers import layers_for
+from edgeagent.core.hub import Hub, MemoryOutbox
+from edgeagent.monitor.context import build_context, failing_gates
 from edgeagent.rules import RulesComponent
 from tests.util import async_wait_until
 
@@ -197,7 +197,7 @@ def test_live_config_change_reloads_rules_and_clears_removed_active_ones(tmp_pat
 
 def test_rules_run_inside_the_agent_on_real_monitor_samples(tmp_path: Path) -> None:
     from edgeagent.agent import Agent, Component
-    from edgeagent.monitor import MonitorComponent
+    from edgeagent.monitor.sampler import MonitorComponent
 
     cfg = cfgmod.build({"device": {"id": "dev1", "state_dir": str(tmp_path)}, "monitor": {"interval_s": 0.05},
                         "rules": [{"name": "alive", "when": "cpu_percent >= 0 and mem_used_percent > 0",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgeagent import config as cfgmod
-from edgeagent.config import RuleConfig
+from edgeagent.core import config as cfgmod
+from edgeagent.core.config import RuleConfig
 from edgeagent.rules.engine import RuleEngine
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from edgeagent import config as cfgmod
-from edgeagent.errors import ConfigError, ExprError, ExprEvalError
+from edgeagent.core import config as cfgmod
+from edgeagent.core.errors import ConfigError, ExprError, ExprEvalError
 from edgeagent.rules.expr import MAX_DEPTH, parse
 
 

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeagent.config import CsvSensorConfig, MqttSensorConfig, SensorsConfig, SimulatedSensorConfig
-from edgeagent.errors import SensorError, SensorPayloadError
-from edgeagent.sensors import (
+from edgeagent.core.config import CsvSensorConfig, MqttSensorConfig, SensorsConfig, SimulatedSensorConfig
+from edgeagent.core.errors import SensorError, SensorPayloadError
+from edgeagent.sensors.sources import (
     CsvSource,
     MqttSource,
     SimulatedSource,
@@ -267,7 +267,7 @@ def test_csv_bad_rows_are_reported_with_line_numbers_and_skipped(tmp_path: Path,
             "0.00,4,5,6",  # line 7: time did not move forward
             "# a comment",
             "0.04,7,8,9"]
-    with caplog.at_level(logging.WARNING, logger="edgeagent.sensors"):
+    with caplog.at_level(logging.WARNING, logger="edgeagent.sensors.sources"):
         src = CsvSource(write_csv(tmp_path / "bad.csv", rows), realtime=False)
     assert [b.line for b in src.bad_rows] == [3, 4, 6, 7]
     assert "expected 4 columns" in src.bad_rows[0].reason and "'x'" in src.bad_rows[1].reason
@@ -423,8 +423,8 @@ def test_payload_json_roundtrip_of_simulated_chunk() -> None:
 
 def test_scheduled_fault_switches_on_and_off_by_signal_time() -> None:
     """sensors.simulated.fault_start_s/fault_duration_s: the demo's anomaly that comes and goes."""
-    from edgeagent.config import build
-    from edgeagent.sensors import SimulatedSource, make_source
+    from edgeagent.core.config import build
+    from edgeagent.sensors.sources import SimulatedSource, make_source
 
     cfg = build({"sensors": {"simulated": {"fault": "imbalance", "fault_severity": 1.0,
                                            "fault_start_s": 0.2, "fault_duration_s": 0.2}}}, env={})

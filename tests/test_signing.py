@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.errors import ConfigError, SignatureInvalid
-from edgeagent.signing import generate_keypair, load_private_key, load_trusted_keys, sign, verify
+from edgeagent.core.errors import ConfigError, SignatureInvalid
+from edgeagent.core.signing import generate_keypair, load_private_key, load_trusted_keys, sign, verify
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.errors import SpoolError
-from edgeagent.protocol import Topics
+from edgeagent.core.errors import SpoolError
+from edgeagent.core.protocol import Topics
 from edgeagent.transport.publisher import group, live_ready
 from edgeagent.transport.session import backoff_s
 from edgeagent.transport.spool import KIND_SAMPLE, ROW_OVERHEAD_BYTES, Row, Spool

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from edgeagent import status
-from edgeagent.fsutil import atomic_write_json
+from edgeagent.core.fsutil import atomic_write_json
 
 NOW = 1_800_000_000.0
 

@@ -98,8 +98,8 @@ def test_agent_unit_contract() -> None:
     path_unit = (UNITS / "edgeagent-installer.path").read_text()
     assert "PathExists=/var/lib/edgeagent/installer/request.json" in path_unit
     installer = (UNITS / "edgeagent-installer.service").read_text()
-    assert "-m edgeagent.privileged --state-dir /var/lib/edgeagent --config /etc/edgeagent/installer.toml" \
-        in installer
+    assert ("-m edgeagent.updates.privileged --state-dir /var/lib/edgeagent "
+            "--config /etc/edgeagent/installer.toml") in installer
 
 
 def _seconds(value: str) -> float:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.hub import Hub
+from edgeagent.core.hub import Hub
 from edgeagent.telemetry import TelemetryComponent, build_sample
 from edgeagent.transport import TransportComponent
 from tests.transport_util import make_config

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.hub import Hub
-from edgeagent.protocol import dumps
+from edgeagent.core.hub import Hub
+from edgeagent.core.protocol import dumps
 from edgeagent.telemetry import TelemetryComponent
 from edgeagent.transport import Spool, TransportComponent
 from edgeagent.transport.router import SessionRouter

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edgeagent.hub import Hub
+from edgeagent.core.hub import Hub
 from edgeagent.transport import TransportComponent
 from tests.broker import Broker, TlsFiles
 from tests.transport_util import Observer, make_config

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.trial.clock import ClockControl, build_shim
+from fieldtrial.clock import ClockControl, build_shim
 
 
 def test_clock_shim_jumps_wall_clock_but_not_monotonic(tmp_path: Path) -> None:

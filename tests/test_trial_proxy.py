@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 
-from edgeagent.trial.proxy import FaultProxy
+from fieldtrial.proxy import FaultProxy
 from tests.broker import Broker
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgeagent import signing
+from edgeagent.core import signing
 from edgeagent.updates import manifest
 from tests.broker import Broker
 from tests.test_updates_component import Ctx, run

@@ -12,12 +12,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from edgeagent import protocol, signing
-from edgeagent.fleet.connect import BrokerUrl, connect_and_wait, make_client
-from edgeagent.hub import Hub
+from edgeagent.core import protocol, signing
+from edgeagent.core.hub import Hub
+from edgeagent.ops.fleet.connect import BrokerUrl, connect_and_wait, make_client
+from edgeagent.ops.push import Pusher, build_manifest
 from edgeagent.transport import TransportComponent
 from edgeagent.updates import UpdatesComponent
-from edgeagent.updates.cli import Pusher, build_manifest
 from tests.broker import Broker
 from tests.updates_helpers import (
     KEY_ID,

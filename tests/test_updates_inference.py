@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.fleet.connect import BrokerUrl, connect_and_wait, make_client
-from edgeagent.hub import Hub
+from edgeagent.core.hub import Hub
 from edgeagent.inference.pipeline import InferenceComponent
+from edgeagent.ops.fleet.connect import BrokerUrl, connect_and_wait, make_client
+from edgeagent.ops.push import Pusher
 from edgeagent.transport import TransportComponent
 from edgeagent.updates import UpdatesComponent
-from edgeagent.updates.cli import Pusher
 from tests.broker import Broker
 from tests.inference_helpers import RUNTIMES, SHIPPED, ScriptedSource
 from tests.updates_helpers import StatusWatcher, make_config, make_keys, running, signed

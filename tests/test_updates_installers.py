@@ -1,5 +1,5 @@
 """Firmware install hand-off: real commands without a shell (fail, hang -> killed at the timeout),
-and the privileged mode through the real edgeagent.privileged request handler."""
+and the privileged mode through the real edgeagent.updates.privileged request handler."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgeagent import privileged
-from edgeagent.config import FirmwareConfig
+from edgeagent.core.config import FirmwareConfig
+from edgeagent.updates import privileged
 from edgeagent.updates.installers import DirectRunner, PrivilegedRunner
 from tests.broker import Broker
 from tests.test_updates_component import Ctx, run

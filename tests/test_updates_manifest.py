@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from edgeagent import signing
-from edgeagent.errors import ManifestRejected
+from edgeagent.core import signing
+from edgeagent.core.errors import ManifestRejected
 from edgeagent.updates import manifest
 from tests.updates_helpers import KEY_ID, make_keys, openssl_keys, signed
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from edgeagent.fleet.connect import BrokerUrl, connect_and_wait, make_client
-from edgeagent.updates.cli import Pusher
+from edgeagent.ops.fleet.connect import BrokerUrl, connect_and_wait, make_client
+from edgeagent.ops.push import Pusher
 from tests.broker import Broker
 from tests.updates_helpers import (
     MODEL,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from edgeagent.errors import BundleRejected, ChunkRejected
+from edgeagent.core.errors import BundleRejected, ChunkRejected
 from edgeagent.updates import bundle, manifest
 from edgeagent.updates.jobs import InvalidTransition, Job, Journal
 from edgeagent.updates.transfer import Transfer

@@ -14,8 +14,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgeagent import config as cfgmod
-from edgeagent.config import Config, merge_layers
+from edgeagent.core import config as cfgmod
+from edgeagent.core.config import Config, merge_layers
 
 
 class Observer:

@@ -16,10 +16,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from edgeagent import config as cfgmod
-from edgeagent import logs
 from edgeagent.agent import run_agent
-from edgeagent.hub import Hub
+from edgeagent.core import config as cfgmod
+from edgeagent.core import logs
+from edgeagent.core.hub import Hub
 from tests.updates_helpers import FakeModelInstaller
 
 

@@ -22,16 +22,16 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgeagent import config as cfgmod
-from edgeagent import protocol, signing
-from edgeagent.config_layers import dumps_toml
-from edgeagent.errors import ModelRejected, ModelRolledBack
-from edgeagent.fsutil import atomic_write_json
-from edgeagent.hub import Hub
-from edgeagent.updates.cli import build_manifest
+from edgeagent.core import config as cfgmod
+from edgeagent.core import protocol, signing
+from edgeagent.core.config_layers import dumps_toml
+from edgeagent.core.errors import ModelRejected, ModelRolledBack
+from edgeagent.core.fsutil import atomic_write_json
+from edgeagent.core.hub import Hub
+from edgeagent.ops.push import build_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
-FAKE_AB = ROOT / "tests" / "fake_ab_installer.py"
+FAKE_AB = ROOT / "fieldtrial" / "fixtures" / "fake_ab_installer.py"
 MODEL = ROOT / "edgeagent" / "models" / "vibration-anomaly" / "model.tflite"
 KEY_ID = "ops-test"
 

@@ -21,23 +21,23 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from edgeagent.config import Config
-from edgeagent.errors import (
+from edgeagent.core.config import Config
+from edgeagent.core.errors import (
     ModelLoadError,
     ModelMetaError,
     ModelRejected,
     ModelRolledBack,
     RuntimeUnavailable,
 )
-from edgeagent.fsutil import atomic_write_bytes
-from edgeagent.hub import Hub
+from edgeagent.core.fsutil import atomic_write_bytes
+from edgeagent.core.hub import Hub
+from edgeagent.core.logs import Once
 from edgeagent.inference.preprocess import ModelMeta, WindowSpec
 from edgeagent.inference.runner import ModelSlot, Result, Runner, RunnerStats
 from edgeagent.inference.runtime import LoadedModel
 from edgeagent.inference.store import META_FILE, ActiveRecord, ModelStore, check_name
 from edgeagent.inference.swap import FailureWatch, LoadSettings, Probation, load_served, validate
-from edgeagent.logs import Once
-from edgeagent.sensors import SensorSource, Windower, make_source
+from edgeagent.sensors.sources import SensorSource, Windower, make_source
 
 log = logging.getLogger(__name__)
 once = Once(log)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from edgeagent.errors import ModelMetaError
+from edgeagent.core.errors import ModelMetaError
 
 if sys.version_info >= (3, 11):
     import tomllib

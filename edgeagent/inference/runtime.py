@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgeagent.errors import ModelLoadError, RuntimeUnavailable
+from edgeagent.core.errors import ModelLoadError, RuntimeUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeagent.fsutil import atomic_write_json, fsync_dir, read_json
+from edgeagent.core.fsutil import atomic_write_json, fsync_dir, read_json
 
 log = logging.getLogger(__name__)
 

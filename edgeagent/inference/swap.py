@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgeagent.errors import ModelLoadError, ModelMetaError, ModelRejected, RuntimeUnavailable
+from edgeagent.core.errors import ModelLoadError, ModelMetaError, ModelRejected, RuntimeUnavailable
 from edgeagent.inference.preprocess import ModelMeta, PreprocessSpec, WindowSpec, load_model_meta
 from edgeagent.inference.runner import Result
 from edgeagent.inference.runtime import LoadedModel, load_interpreter

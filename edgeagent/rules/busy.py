@@ -13,7 +13,7 @@ import json
 import logging
 import random
 
-from edgeagent.hub import Hub
+from edgeagent.core.hub import Hub
 
 log = logging.getLogger(__name__)
 

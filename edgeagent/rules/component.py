@@ -20,11 +20,11 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any
 
-from edgeagent.config import Config, RuleConfig, merge_layers
-from edgeagent.config_layers import layers_for
-from edgeagent.errors import ConfigError, ExprError
-from edgeagent.hub import Hub
-from edgeagent.logs import Once
+from edgeagent.core.config import Config, RuleConfig, merge_layers
+from edgeagent.core.config_layers import layers_for
+from edgeagent.core.errors import ConfigError, ExprError
+from edgeagent.core.hub import Hub
+from edgeagent.core.logs import Once
 from edgeagent.rules.busy import BusyTopicWatcher
 from edgeagent.rules.engine import CompiledRule, RuleEngine, Transition
 

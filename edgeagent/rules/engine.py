@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from edgeagent.config import RuleConfig
-from edgeagent.errors import ConfigError, ExprError, ExprEvalError
+from edgeagent.core.config import RuleConfig
+from edgeagent.core.errors import ConfigError, ExprError, ExprEvalError
 from edgeagent.rules.expr import Expr, Value, parse
 
 HISTORY_MAX_SAMPLES = 4096  # per name; the oldest sample is dropped first
@@ -76,7 +76,7 @@ def parse_action(text: str) -> Action:
         if key not in SET_KEYS:
             raise ValueError(f"set: {key!r} is not a runtime knob; allowed: {', '.join(SET_KEYS)}")
         action = Action("set", text, key=key, value=value)
-        from edgeagent import config as cfgmod  # late: config.py checks actions through us
+        from edgeagent.core import config as cfgmod  # late: config.py checks actions through us
 
         try:
             cfgmod.build(action.partial(), env={})

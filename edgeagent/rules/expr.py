@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from edgeagent.config import parse_duration_s
-from edgeagent.errors import ExprError, ExprEvalError
+from edgeagent.core.config import parse_duration_s
+from edgeagent.core.errors import ExprError, ExprEvalError
 
 MAX_LENGTH = 1000  # characters; rules are one-liners
 MAX_DEPTH = 32  # nesting of parentheses / not / unary minus / calls

@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgeagent.errors import ConfigError
+from edgeagent.core.errors import ConfigError
 from edgeagent.transport.component import SPOOL_FILE
 
 
 def _spool_path(args: argparse.Namespace) -> Path | None:
     if args.file:
         return Path(args.file)
-    from edgeagent import config as cfgmod
+    from edgeagent.core import config as cfgmod
 
     try:
         cfg = cfgmod.load(args.config) if args.config else cfgmod.build({})

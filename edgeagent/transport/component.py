@@ -15,8 +15,8 @@ import logging
 from types import TracebackType
 from typing import Any
 
-from edgeagent.hub import Hub, OfflineRouter
-from edgeagent.protocol import status_online
+from edgeagent.core.hub import Hub, OfflineRouter
+from edgeagent.core.protocol import status_online
 from edgeagent.transport.outbox import SpoolOutbox
 from edgeagent.transport.router import SessionRouter
 from edgeagent.transport.session import Session

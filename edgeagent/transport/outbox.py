@@ -18,9 +18,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from edgeagent.errors import SpoolError
-from edgeagent.logs import Once
-from edgeagent.protocol import Topics
+from edgeagent.core.errors import SpoolError
+from edgeagent.core.logs import Once
+from edgeagent.core.protocol import Topics
 from edgeagent.transport.spool import Recovered, Spool, encode, is_corruption
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from edgeagent.config import Config
-from edgeagent.errors import EdgeAgentError
-from edgeagent.protocol import Topics
+from edgeagent.core.config import Config
+from edgeagent.core.errors import EdgeAgentError
+from edgeagent.core.protocol import Topics
 from edgeagent.transport.outbox import SpoolOutbox
 from edgeagent.transport.spool import KIND_SAMPLE, Row, Spool
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from paho.mqtt.client import topic_matches_sub
 
-from edgeagent.hub import Handler
-from edgeagent.logs import Once
+from edgeagent.core.hub import Handler
+from edgeagent.core.logs import Once
 
 log = logging.getLogger(__name__)
 _once = Once(log)

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgeagent.config import Config, MqttConfig
-from edgeagent.errors import EdgeAgentError
-from edgeagent.logs import Once
-from edgeagent.protocol import Topics, dumps, status_offline
+from edgeagent.core.config import Config, MqttConfig
+from edgeagent.core.errors import EdgeAgentError
+from edgeagent.core.logs import Once
+from edgeagent.core.protocol import Topics, dumps, status_offline
 from edgeagent.transport.outbox import SpoolOutbox
 from edgeagent.transport.publisher import Publisher, PublishStats
 from edgeagent.transport.router import SessionRouter

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeagent.errors import SpoolError
-from edgeagent.fsutil import atomic_write_json
-from edgeagent.protocol import event
+from edgeagent.core.errors import SpoolError
+from edgeagent.core.fsutil import atomic_write_json
+from edgeagent.core.protocol import event
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import tarfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edgeagent.errors import BundleRejected
+from edgeagent.core.errors import BundleRejected
 
 GZIP_MAGIC = b"\x1f\x8b"
 TFLITE_IDENT = b"TFL3"

@@ -23,10 +23,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from edgeagent import __version__, protocol, signing
-from edgeagent.config import GateConfig
-from edgeagent.context import DeviceContext, MetricsAverager, build_context, failing_gates, next_try_s
-from edgeagent.errors import (
+from edgeagent import __version__
+from edgeagent.core import protocol, signing
+from edgeagent.core.config import GateConfig
+from edgeagent.core.errors import (
     BundleRejected,
     ChunkRejected,
     ConfigError,
@@ -35,8 +35,9 @@ from edgeagent.errors import (
     ModelRolledBack,
     ProtocolError,
 )
-from edgeagent.hub import Hub
-from edgeagent.logs import Once
+from edgeagent.core.hub import Hub
+from edgeagent.core.logs import Once
+from edgeagent.monitor.context import DeviceContext, MetricsAverager, build_context, failing_gates, next_try_s
 from edgeagent.updates import bundle, manifest
 from edgeagent.updates.firmware import FirmwareFlow
 from edgeagent.updates.installers import FirmwareRunner, append_log, installed_firmware_version

@@ -10,8 +10,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from edgeagent.hub import Hub
-from edgeagent.installer_presets import parse_slot
+from edgeagent.core.hub import Hub
+from edgeagent.updates.installer_presets import parse_slot
 from edgeagent.updates.installers import FirmwareRunner, make_runner, run_argv
 from edgeagent.updates.jobs import Job, Journal
 

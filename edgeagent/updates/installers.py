@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from edgeagent.config import FirmwareConfig
-from edgeagent.fsutil import atomic_write_json, read_json
-from edgeagent.installer_presets import SAFE_PATH, InstallerCommandError, command_for
+from edgeagent.core.config import FirmwareConfig
+from edgeagent.core.fsutil import atomic_write_json, read_json
+from edgeagent.updates.installer_presets import SAFE_PATH, InstallerCommandError, command_for
 
 OUTPUT_MAX_BYTES = 16 * 1024
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeagent.fsutil import atomic_write_json, read_json
-from edgeagent.protocol import FINAL_JOB_STATES, JOB_STATES
+from edgeagent.core.fsutil import atomic_write_json, read_json
+from edgeagent.core.protocol import FINAL_JOB_STATES, JOB_STATES
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from edgeagent import signing
-from edgeagent.errors import ManifestRejected, SignatureInvalid
-from edgeagent.protocol import canonical
+from edgeagent.core import signing
+from edgeagent.core.errors import ManifestRejected, SignatureInvalid
+from edgeagent.core.protocol import canonical
 
 if TYPE_CHECKING:  # cryptography is imported on first use (signing.py): ~8 MiB of RSS
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey

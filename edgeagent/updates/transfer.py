@@ -15,8 +15,8 @@ import threading
 import time
 from pathlib import Path
 
-from edgeagent.errors import ChunkRejected
-from edgeagent.fsutil import atomic_write_bytes, fsync_dir
+from edgeagent.core.errors import ChunkRejected
+from edgeagent.core.fsutil import atomic_write_bytes, fsync_dir
 from edgeagent.updates.manifest import Manifest
 
 PART = "artifact.part"

@@ -1,0 +1,121 @@
+"""Ed25519 signatures over canonical JSON (manifests, cancels, desired configs).
+
+Trusted public keys come from the device's config (PEM files as `openssl pkey -pubout` writes them),
+never from a message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgeagent.core.errors import ConfigError, SignatureInvalid
+from edgeagent.core.protocol import canonical
+
+# cryptography costs ~8 MiB of RSS: imported on first use, so an agent without updates or
+# remote config (and a monitor-only board) never pays for it
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+ALG = "ed25519"
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    data = Path(path).read_bytes()
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as exc:
+        raise ConfigError([f"{path}: not a PEM public key ({exc})"]) from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError([f"{path}: expected an Ed25519 public key, got {type(key).__name__}"])
+    return key
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    data = Path(path).read_bytes()
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError([f"{path}: not an unencrypted PEM private key ({exc})"]) from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError([f"{path}: expected an Ed25519 private key, got {type(key).__name__}"])
+    return key
+
+
+def load_trusted_keys(paths: Mapping[str, str]) -> dict[str, Ed25519PublicKey]:
+    """key_id -> public key; every unreadable key is reported, with its key id."""
+    keys: dict[str, Ed25519PublicKey] = {}
+    errors: list[str] = []
+    for key_id, path in paths.items():
+        try:
+            keys[key_id] = load_public_key(Path(path))
+        except OSError as exc:
+            errors.append(f"updates.trusted_keys.{key_id}: cannot read {path}: {exc.strerror}")
+        except ConfigError as exc:
+            errors.extend(f"updates.trusted_keys.{key_id}: {e}" for e in exc.errors)
+    if errors:
+        raise ConfigError(errors)
+    return keys
+
+
+def generate_keypair(private_path: Path, public_path: Path) -> None:
+    """Write a new Ed25519 key pair as PEM (private key 0600)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edgeagent.core.fsutil import atomic_write_bytes
+
+    key = Ed25519PrivateKey.generate()
+    atomic_write_bytes(private_path, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        mode=0o600)
+    atomic_write_bytes(public_path, key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def sign(message: dict[str, Any], key: Ed25519PrivateKey, key_id: str) -> dict[str, Any]:
+    """A copy of `message` with its `sig` over the canonical JSON of everything else."""
+    value = base64.b64encode(key.sign(canonical(message))).decode()
+    return {**{k: v for k, v in message.items() if k != "sig"},
+            "sig": {"alg": ALG, "key_id": key_id, "value": value}}
+
+
+def verify(message: dict[str, Any], trusted: Mapping[str, Ed25519PublicKey]) -> str:
+    """Check `message["sig"]`; return the key id that signed it or raise SignatureInvalid."""
+    sig = message.get("sig")
+    if sig is None:
+        raise SignatureInvalid("message is not signed (no sig)")
+    if not isinstance(sig, dict):
+        raise SignatureInvalid("sig: expected an object")
+    if sig.get("alg") != ALG:
+        raise SignatureInvalid(f"sig.alg: expected {ALG!r}, got {sig.get('alg')!r}")
+    key_id = sig.get("key_id")
+    if not isinstance(key_id, str) or key_id not in trusted:
+        raise SignatureInvalid(f"unknown key id {key_id!r}", key_id if isinstance(key_id, str) else None)
+    value = sig.get("value")
+    if not isinstance(value, str):
+        raise SignatureInvalid("sig.value: expected a base64 string", key_id)
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SignatureInvalid(f"sig.value: not base64 ({exc})", key_id) from exc
+    try:
+        body = canonical(message)
+    except (UnicodeEncodeError, TypeError, ValueError) as exc:  # lone surrogates, non-JSON values
+        raise SignatureInvalid(f"message cannot be canonicalised: {exc}", key_id) from exc
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        trusted[key_id].verify(raw, body)
+    except InvalidSignature as exc:
+        raise SignatureInvalid(f"bad signature for key id {key_id!r}", key_id) from exc
+    return key_id

@@ -1,0 +1,331 @@
+"""`edgeagent fleet collect|watch|devices|history` and `edgeagent simulate`.
+
+Heavy imports (paho, rich, prometheus_client) happen inside the commands, so registering these
+parsers costs the agent nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edgeagent.core.errors import EdgeAgentError
+from edgeagent.ops.fleet.state import Thresholds
+
+
+def _broker_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--broker", required=required, metavar="URL",
+                   help="mqtt://[user[:password]@]host[:port] or mqtts://... (TLS)")
+    p.add_argument("--ca-file", help="CA bundle for mqtts://")
+    p.add_argument("--cert-file", help="client certificate for mqtts://")
+    p.add_argument("--key-file", help="client key for mqtts://")
+    p.add_argument("--mqtt311", action="store_true", help="speak MQTT 3.1.1 instead of 5")
+    p.add_argument("--prefix", default="edge", help="topic prefix (config mqtt.topic_prefix)")
+
+
+def _threshold_args(p: argparse.ArgumentParser) -> None:
+    d = Thresholds()
+    p.add_argument("--stale-intervals", type=float, default=d.stale_intervals,
+                   help="online but silent this many telemetry intervals -> stale (default %(default)s)")
+    p.add_argument("--interval-s", type=float, default=d.default_interval_s,
+                   help="telemetry interval assumed until one is observed (default %(default)s)")
+    p.add_argument("--hot-c", type=float, default=d.hot_c, help="hot at or above (default %(default)s)")
+    p.add_argument("--stuck-update-s", type=float, default=d.stuck_update_s,
+                   help="a running update job unchanged this long is stuck (default %(default)s)")
+
+
+def _thresholds(args: argparse.Namespace) -> Thresholds:
+    return Thresholds(default_interval_s=args.interval_s, stale_intervals=args.stale_intervals,
+                      hot_c=args.hot_c, stuck_update_s=args.stuck_update_s)
+
+
+def _broker(args: argparse.Namespace) -> Any:
+    from edgeagent.ops.fleet.connect import BrokerUrl
+
+    return BrokerUrl.parse(args.broker, args.ca_file, args.cert_file, args.key_file)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _setup_logging(level: str) -> None:
+    from edgeagent.core import logs
+
+    logs.setup(level)
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from edgeagent.ops.fleet.collector import Collector, CollectorOptions
+
+    _setup_logging(args.log_level)
+    opts = CollectorOptions(
+        broker=_broker(args), prefix=args.prefix, db=None if args.no_db else args.db,
+        share_group=None if args.plain else args.share_group, client_id=args.client_id or "",
+        session_expiry_s=args.session_expiry_s, mqtt5=not args.mqtt311, keepalive_s=args.keepalive_s,
+        retention_h=args.retention_h, queue_max=args.queue_max, track_gaps=args.track_gaps,
+        thresholds=_thresholds(args))
+    stop = _stop_on_signals()
+    with Collector(opts) as collector:
+        if args.prometheus:
+            from edgeagent.ops.fleet.metrics import FleetMetrics, serve
+
+            serve(args.prometheus, FleetMetrics(collector.state.snapshot, collector.health, opts.thresholds))
+        print(f"collecting from {args.broker} (filters: {', '.join(opts.filters())})", file=sys.stderr)
+        while not stop.wait(args.report_s):
+            h = collector.health()
+            print(f"devices={h['devices']} msg/s={h['messages_per_s']:.0f} "
+                  f"samples/s={h['samples_per_s']:.0f} "
+                  f"lag_s={h['lag_s']:.2f} gaps={h['gaps']} dups={h['duplicates']} "
+                  f"queue={h['queue_depth']} dropped={h['history_dropped']} "
+                  f"connected={int(h['connected'])}", file=sys.stderr, flush=True)
+    return 0
+
+
+def _source(args: argparse.Namespace, stop: threading.Event) -> Any:
+    """A callable giving device snapshots: from --db, or from a live in-memory collector (--broker)."""
+    if args.broker:
+        from edgeagent.ops.fleet.collector import Collector, CollectorOptions
+
+        opts = CollectorOptions(broker=_broker(args), prefix=args.prefix, mqtt5=not args.mqtt311,
+                                thresholds=_thresholds(args))
+        collector = Collector(opts).__enter__()
+        stop.wait(args.settle_s)      # retained statuses arrive at once, telemetry within an interval
+        return collector.state.snapshot, collector
+    from edgeagent.ops.fleet.store import Store
+
+    store = Store(args.db, readonly=True)
+    return store.devices, store
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from edgeagent.ops.fleet.watch import watch
+
+    stop = _stop_on_signals()
+    source, owner = _source(args, stop)
+    try:
+        return watch(source, _thresholds(args), args.group, args.state, args.once, args.json,
+                     args.refresh_s, sys.stdout, stop=stop, limit=args.limit)
+    finally:
+        owner.__exit__(None, None, None)
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from edgeagent.ops.fleet.store import Store
+    from edgeagent.ops.fleet.watch import device_row, select, table
+
+    th = _thresholds(args)
+    with Store(args.db, readonly=True) as store:
+        now = time.time()
+        rows = [device_row(d, now, th) for d in select(store.devices(), now, th, args.group, args.state)]
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1)
+        print()
+    else:
+        from rich.console import Console
+
+        Console().print(table(rows))
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from edgeagent.ops.fleet.store import Store
+
+    since = time.time() - args.since_s
+    with Store(args.db, readonly=True) as store:
+        dev = store.device(args.device)
+        if dev is None:
+            print(f"unknown device {args.device!r} in {args.db}", file=sys.stderr)
+            return 2
+        out = {"device": args.device, "samples": store.samples(args.device, since, args.limit),
+               "events": store.events(args.device, since, args.limit),
+               "jobs": store.jobs(args.device, since, args.limit)}
+    if args.json:
+        json.dump(out, sys.stdout, indent=1)
+        print()
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"{args.device}: last {len(out['samples'])} samples")
+    cols = ("seq", "ts", "cpu_percent", "mem_used_percent", "temp_c", "p95_ms", "anomaly_rate_1m",
+            "spool_backlog")
+    for c in cols:
+        t.add_column(c, justify="right")
+    for s in out["samples"]:
+        t.add_row(*[time.strftime("%H:%M:%S", time.localtime(s[c])) if c == "ts" else
+                    ("-" if s[c] is None else f"{s[c]:g}") for c in cols])
+    console.print(t)
+    for e in out["events"]:
+        console.print(f"event #{e['seq']} {time.strftime('%H:%M:%S', time.localtime(e['ts']))} "
+                      f"{e['kind']}/{e['severity']}: {e['message']}")
+    for j in out["jobs"]:
+        console.print(f"job {j['job']}: {j['state']} {100 * j['progress']:.0f}% {j['reason']}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from edgeagent.ops.fleet.simulate import Outage, SimOptions, Simulator
+
+    _setup_logging(args.log_level)
+    if args.devices < 1 or args.interval_s <= 0:
+        print("--devices must be >= 1 and --interval-s > 0", file=sys.stderr)
+        return 2
+    try:
+        outage = Outage.parse(args.outage) if args.outage else None
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    opts = SimOptions(
+        broker=_broker(args), devices=args.devices, prefix=args.prefix, id_prefix=args.id_prefix,
+        interval_s=args.interval_s, duration_s=args.duration_s, count=args.count,
+        per_device=args.per_device_connections, pool_size=args.pool_size, keepalive_s=args.keepalive_s,
+        mqtt5=not args.mqtt311, anomaly_rate=args.anomaly_rate, outage=outage, drop_every=args.drop_every,
+        hot=args.hot, updates=args.updates, stuck_updates=args.stuck_updates,
+        update_duration_s=args.update_duration_s, groups=tuple(g for g in args.groups.split(",") if g),
+        seed=args.seed)
+    sim = Simulator(opts)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sim.stop.set())
+    started = time.time()
+    print(f"simulating {opts.devices} devices "
+          f"({'one connection each' if opts.use_per_device else 'pooled connections'}) -> {args.broker}",
+          file=sys.stderr, flush=True)
+    c = sim.run()
+    elapsed = time.time() - started
+    print(json.dumps({"devices": opts.devices, "samples_published": c.samples_published,
+                      "samples_dropped": c.samples_dropped, "events_published": c.events_published,
+                      "messages": c.messages, "elapsed_s": round(elapsed, 3),
+                      "messages_per_s": round(c.messages / elapsed, 1) if elapsed > 0 else None}), flush=True)
+    return 0
+
+
+# ---- parsers --------------------------------------------------------------------------------
+
+def _db_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", type=Path, default=Path("fleet.sqlite"), help="collector database (%(default)s)")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    fleet = sub.add_parser("fleet", help="operator side: collect, watch and export fleet telemetry")
+    fsub = fleet.add_subparsers(dest="fleet_command", metavar="SUBCOMMAND")
+    fsub.required = True
+
+    c = fsub.add_parser("collect", help="subscribe to all devices, keep state and history, export metrics")
+    _broker_args(c)
+    _db_arg(c)
+    c.add_argument("--no-db", action="store_true", help="keep state in memory only")
+    c.add_argument("--prometheus", metavar="[HOST]:PORT", help="serve /metrics here (e.g. :9108)")
+    c.add_argument("--share-group", default="edgeagent-fleet",
+                   help="split telemetry/events with other collectors via $share/GROUP/... (%(default)s)")
+    c.add_argument("--plain", action="store_true", help="plain subscription instead of a shared one")
+    c.add_argument("--no-track-gaps", dest="track_gaps", action="store_false",
+                   help="do not count seq gaps: use when several collectors share one group (each then "
+                        "sees only part of every device's stream)")
+    c.add_argument("--client-id", help="fixed MQTT client id (with --session-expiry-s: a persistent session)")
+    c.add_argument("--session-expiry-s", type=int, default=0,
+                   help="keep the session this long while away, the broker queues QoS 1 messages")
+    c.add_argument("--keepalive-s", type=int, default=30)
+    c.add_argument("--retention-h", type=float, default=24.0, help="history kept (%(default)s h)")
+    c.add_argument("--queue-max", type=int, default=200_000,
+                   help="history rows buffered for the writer; when full the oldest are dropped and counted")
+    c.add_argument("--report-s", type=float, default=10.0, help="health line to stderr every N s")
+    c.add_argument("--log-level", default="INFO")
+    _threshold_args(c)
+    c.set_defaults(func=cmd_collect)
+
+    w = fsub.add_parser("watch", help="live table of devices, worst first")
+    _broker_args(w, required=False)
+    _db_arg(w)
+    w.add_argument("--group", help="only devices in this group")
+    w.add_argument("--state", choices=["online", "offline", "stale", "updating", "trouble", "ok"])
+    w.add_argument("--once", action="store_true", help="print once and exit")
+    w.add_argument("--json", action="store_true", help="with --once: JSON for scripts")
+    w.add_argument("--refresh-s", type=float, default=1.0)
+    w.add_argument("--settle-s", type=float, default=3.0, help="with --broker: listen this long first")
+    w.add_argument("--limit", type=int, default=0, help="at most N rows (default: fit the terminal)")
+    _threshold_args(w)
+    w.set_defaults(func=cmd_watch)
+
+    d = fsub.add_parser("devices", help="devices known to the collector's database")
+    _db_arg(d)
+    d.add_argument("--group")
+    d.add_argument("--state", choices=["online", "offline", "stale", "updating", "trouble", "ok"])
+    d.add_argument("--json", action="store_true")
+    _threshold_args(d)
+    d.set_defaults(func=cmd_devices)
+
+    h = fsub.add_parser("history", help="one device's recent samples, events and update jobs")
+    h.add_argument("device")
+    _db_arg(h)
+    h.add_argument("--since-s", type=float, default=3600.0, help="look back this far (%(default)s s)")
+    h.add_argument("--limit", type=int, default=100)
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(func=cmd_history)
+
+    s = sub.add_parser(
+        "simulate", help="N virtual devices speaking the real protocol (demos, load tests)",
+        description="Virtual devices publish status, telemetry, events and update job status with "
+                    "the agent's payload builders. With --per-device-connections (default for N <= 50) "
+                    "each device has its own MQTT client and last will; otherwise devices share a small "
+                    "pool of clients (one per 200 devices, at most 8), each publishing on its devices' "
+                    "own topics: no per-device last will, a clean stop publishes 'offline' for each. "
+                    "Roles by index: the first COUNT devices take the --outage, the next --hot run hot, "
+                    "the last --updates run an update job (the last --stuck-updates of them stall).")
+    _broker_args(s)
+    s.add_argument("--devices", type=int, default=10)
+    s.add_argument("--id-prefix", default="sim-", help="device ids are PREFIX0000, PREFIX0001, ...")
+    s.add_argument("--interval-s", type=float, default=1.0, help="seconds between samples per device")
+    s.add_argument("--duration-s", type=float, help="stop after this long")
+    s.add_argument("--count", type=int, help="stop after N samples per device")
+    conn = s.add_mutually_exclusive_group()
+    conn.add_argument("--per-device-connections", dest="per_device_connections", action="store_true",
+                      default=None, help="one MQTT client (and last will) per device")
+    conn.add_argument("--pooled", dest="per_device_connections", action="store_false",
+                      help="devices share a pool of clients")
+    s.add_argument("--pool-size", type=int, default=0)
+    s.add_argument("--keepalive-s", type=int, default=30)
+    s.add_argument("--anomaly-rate", type=float, default=0.0, help="probability of an anomaly per sample")
+    s.add_argument("--outage", metavar="AT_S:DURATION_S[:COUNT]",
+                   help="the first COUNT devices go silent (a clean disconnect, no last will) and spool, "
+                        "then reconnect and send the backlog: late but complete")
+    s.add_argument("--drop-every", type=int, default=0, metavar="K",
+                   help="skip every K-th sample (its seq is used): deliberate gaps")
+    s.add_argument("--hot", type=int, default=0, help="N devices run hot")
+    s.add_argument("--updates", type=int, default=0, help="N devices run a model update job")
+    s.add_argument("--stuck-updates", type=int, default=0, help="of which N stall in downloading")
+    s.add_argument("--update-duration-s", type=float, default=20.0)
+    s.add_argument("--groups", default="sim", help="comma-separated groups announced in the status")
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--log-level", default="WARNING")
+    s.set_defaults(func=cmd_simulate)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="edgeagent")
+    add_parsers(p.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = p.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (EdgeAgentError, ConnectionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Broker URLs and paho clients for the operator tools (collector, watch, simulate)."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgeagent.core.errors import EdgeAgentError
+
+
+class BrokerUrlError(EdgeAgentError):
+    """A --broker URL we cannot use."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"broker URL {url!r}: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerUrl:
+    """mqtt://[user[:password]@]host[:port] or mqtts://... (TLS, default port 8883)."""
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @classmethod
+    def parse(cls, url: str, ca_file: str | None = None, cert_file: str | None = None,
+              key_file: str | None = None) -> BrokerUrl:
+        if "://" not in url:
+            url = "mqtt://" + url
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise BrokerUrlError(url, f"scheme must be mqtt or mqtts, not {parts.scheme!r}")
+        if not parts.hostname:
+            raise BrokerUrlError(url, "no host")
+        tls = parts.scheme in ("mqtts", "ssl")
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError as exc:
+            raise BrokerUrlError(url, str(exc)) from exc
+        return cls(host=parts.hostname, port=port, tls=tls,
+                   username=unquote(parts.username) if parts.username else None,
+                   password=unquote(parts.password) if parts.password else None,
+                   ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+
+
+def make_client(url: BrokerUrl, client_id: str, mqtt5: bool = True,
+                clean_start: bool = True) -> mqtt.Client:
+    """A paho client with auth and TLS set; not connected yet."""
+    if mqtt5:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=MQTTProtocolVersion.MQTTv5)
+    else:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             clean_session=clean_start, protocol=MQTTProtocolVersion.MQTTv311)
+    if url.username:
+        client.username_pw_set(url.username, url.password)
+    if url.tls:
+        client.tls_set(ca_certs=url.ca_file, certfile=url.cert_file, keyfile=url.key_file,
+                       tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    client.reconnect_delay_set(1, 30)
+    return client
+
+
+def connect_properties(session_expiry_s: int) -> Properties | None:
+    """MQTT 5 CONNECT properties: keep the session (queued QoS 1 messages) for a while."""
+    if session_expiry_s <= 0:
+        return None
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = session_expiry_s
+    return props
+
+
+def connect_and_wait(client: mqtt.Client, url: BrokerUrl, keepalive_s: int, timeout_s: float = 10.0,
+                     clean_start: bool = True, session_expiry_s: int = 0, mqtt5: bool = True) -> None:
+    """Connect, start paho's network thread, and wait for CONNACK; raise ConnectionError if refused."""
+    done = threading.Event()
+    result: list[str] = []
+    previous: Any = client.on_connect
+
+    def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
+        result.append(str(reason))
+        failed = getattr(reason, "is_failure", False)
+        if not failed and previous is not None:
+            previous(c, userdata, flags, reason, props)
+        done.set()
+
+    client.on_connect = on_connect
+    try:
+        if mqtt5:
+            client.connect(url.host, url.port, keepalive_s, clean_start=clean_start,
+                           properties=connect_properties(session_expiry_s))
+        else:
+            client.connect(url.host, url.port, keepalive_s)
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach broker {url.host}:{url.port}: {exc}") from exc
+    client.loop_start()
+    if not done.wait(timeout_s):
+        client.loop_stop()
+        raise ConnectionError(f"no CONNACK from {url.host}:{url.port} within {timeout_s}s")
+    client.on_connect = previous
+    if result and result[0] != "Success":
+        client.loop_stop()
+        raise ConnectionError(f"broker {url.host}:{url.port} refused the connection: {result[0]}")

@@ -1,0 +1,319 @@
+"""Operator tools: `edgeagent keygen`, `edgeagent sign`, `edgeagent push`.
+
+`push` signs a manifest for a file, publishes it, sends the chunks the devices `request` (they pull
+a window at a time; chunks are read from disk one at a time, with a bounded number of QoS 1
+messages in flight) and follows the retained status until a final state; the exit code says
+whether it succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeagent.core import protocol, signing
+from edgeagent.core.config import parse_duration_s
+from edgeagent.core.errors import ConfigError, EdgeAgentError
+
+DEFAULT_CHUNK = 64 * 1024
+MAX_INFLIGHT = 64
+MANIFEST_REPEAT_S = 5.0
+
+
+def build_manifest(path: Path, *, job: str, kind: str, name: str, version: str,
+                   chunk_size: int = DEFAULT_CHUNK, ttl_s: float = 86400.0,
+                   arch: list[str] | None = None, hardware: list[str] | None = None,
+                   min_agent: str | None = None, critical: bool = False,
+                   issued_at: float | None = None) -> dict[str, Any]:
+    """An unsigned manifest for `path` (size, sha256 and per-chunk sha256 streamed from disk)."""
+    size = path.stat().st_size
+    whole = hashlib.sha256()
+    per_chunk: list[str] = []
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            whole.update(block)
+            per_chunk.append(hashlib.sha256(block).hexdigest())
+    now = issued_at if issued_at is not None else time.time()
+    m: dict[str, Any] = {"v": 1, "job": job, "kind": kind, "name": name, "version": version, "size": size,
+                         "sha256": whole.hexdigest(), "chunk_size": chunk_size,
+                         "chunks": max(1, math.ceil(size / chunk_size)), "chunk_sha256": per_chunk,
+                         "issued_at": now, "expires": now + ttl_s, "critical": critical}
+    targets: dict[str, list[str]] = {}
+    if arch:
+        targets["arch"] = arch
+    if hardware:
+        targets["hardware"] = hardware
+    if targets:
+        m["targets"] = targets
+    if min_agent:
+        m["min_agent"] = min_agent
+    return m
+
+
+@dataclass
+class PushResult:
+    states: dict[str, str] = field(default_factory=dict)  # device -> final state
+    reasons: dict[str, str] = field(default_factory=dict)
+    chunks_sent: int = 0
+    resent: int = 0
+    seconds: float = 0.0
+
+
+def _settle(info: Any, timeout_s: float) -> bool:
+    """True once a publish is acknowledged or can no longer be (the connection dropped: paho raises;
+    the device then asks again for what it misses, so nothing is lost by letting go of it)."""
+    try:
+        if timeout_s > 0:
+            info.wait_for_publish(timeout_s)
+        return bool(info.is_published())
+    except (RuntimeError, ValueError):
+        return True
+
+
+class Pusher:
+    """Publishes one signed update and serves it until every expected device has finished."""
+
+    def __init__(self, client: Any, prefix: str, manifest: dict[str, Any], artifact: Path,
+                 device: str | None = None, group: str | None = None, expect: int = 1,
+                 on_status: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        self.client = client
+        self.m = manifest
+        self.artifact = artifact
+        self.job = manifest["job"]
+        self.base = f"{prefix}/{device}/updates/{self.job}" if device else \
+            f"{prefix}/group/{group}/updates/{self.job}"
+        self.watch = f"{prefix}/{device or '+'}/updates/{self.job}/"
+        self.expect = expect
+        self.on_status = on_status
+        self._cv = threading.Condition()
+        self._resend: set[int] = set()
+        self._status: dict[str, dict[str, Any]] = {}
+        self._inflight: list[Any] = []
+        self.result = PushResult()
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        parts = msg.topic.split("/")
+        device = parts[-4] if len(parts) >= 4 else "?"
+        try:
+            doc = json.loads(msg.payload)
+        except ValueError:
+            return
+        if not isinstance(doc, dict) or doc.get("job") != self.job:
+            return
+        if msg.topic.endswith("/request"):
+            with self._cv:
+                for rng in doc.get("missing", []):
+                    if isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) for x in rng):
+                        lo, hi = max(0, rng[0]), min(self.m["chunks"] - 1, rng[1])
+                        self._resend.update(range(lo, hi + 1))
+                self._cv.notify_all()
+        elif msg.topic.endswith("/status"):
+            if doc.get("ts", 0) < self.m["issued_at"] - 1:
+                return  # a retained status of an older run of the same job id
+            with self._cv:
+                self._status[device] = doc
+                if doc.get("state") in protocol.FINAL_JOB_STATES:
+                    self.result.states[device] = str(doc["state"])
+                    self.result.reasons[device] = str(doc.get("reason", ""))
+                self._cv.notify_all()
+            if self.on_status:
+                self.on_status(device, doc)
+
+    def _publish_chunks(self, indices: list[int], f: Any) -> None:
+        """Publish without waiting for the acks of this batch (the next request may come first);
+        only the oldest are awaited once MAX_INFLIGHT are outstanding (bounded memory)."""
+        for i in indices:
+            f.seek(i * self.m["chunk_size"])
+            data = f.read(self.m["chunk_size"])
+            self._inflight.append(self.client.publish(f"{self.base}/chunk/{i}", data, qos=1))
+            self.result.chunks_sent += 1
+            if len(self._inflight) >= MAX_INFLIGHT:
+                for info in self._inflight[: MAX_INFLIGHT // 2]:
+                    _settle(info, 30)
+                del self._inflight[: MAX_INFLIGHT // 2]
+        self._inflight = [info for info in self._inflight if not _settle(info, 0)]
+
+    def run(self, timeout_s: float, start_wait_s: float = 0.0) -> PushResult:
+        """Serve the update until `expect` devices reached a final state or `timeout_s` passed.
+
+        Devices pull: they request a window of chunks at a time (flow control), so chunks are sent
+        only as requested. `start_wait_s` is accepted for compatibility and ignored."""
+        t0 = time.monotonic()
+        self.client.on_message = self._on_message
+        self.client.subscribe(self.watch + "status", qos=1)
+        self.client.subscribe(self.watch + "request", qos=1)
+        self.client.publish(f"{self.base}/manifest", protocol.dumps(self.m), qos=1).wait_for_publish(30)
+        deadline = t0 + timeout_s
+        last_manifest = time.monotonic()
+        sent: set[int] = set()
+        with open(self.artifact, "rb") as f:
+            while time.monotonic() < deadline:
+                if not self._status and time.monotonic() - last_manifest > MANIFEST_REPEAT_S:
+                    # nobody answered yet (device offline, or not subscribed yet): the manifest is
+                    # idempotent, so say it again; the device then asks for the chunks it lacks
+                    last_manifest = time.monotonic()
+                    self.client.publish(f"{self.base}/manifest", protocol.dumps(self.m), qos=1)
+                with self._cv:
+                    if len(self.result.states) >= self.expect:
+                        break
+                    if not self._resend:
+                        self._cv.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+                    todo = sorted(self._resend)
+                    self._resend.clear()
+                if todo:
+                    self.result.resent += len(sent.intersection(todo))
+                    sent.update(todo)
+                    self._publish_chunks(todo, f)
+        self.result.seconds = time.monotonic() - t0
+        return self.result
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    out = Path(args.out_dir)
+    priv, pub = out / f"{args.key_id}.key", out / f"{args.key_id}.pem"
+    if priv.exists() and not args.force:
+        print(f"{priv} exists (use --force to overwrite)", file=sys.stderr)
+        return 1
+    signing.generate_keypair(priv, pub)
+    print(f"private key {priv} (keep it off the devices)\npublic key  {pub} "
+          f"(device config: updates.trusted_keys.{args.key_id} = \"{pub}\")")
+    return 0
+
+
+def _load_key(args: argparse.Namespace) -> Any:
+    try:
+        return signing.load_private_key(Path(args.key))
+    except (OSError, ConfigError) as exc:
+        print(f"cannot load key {args.key}: {exc}", file=sys.stderr)
+        return None
+
+
+def _cmd_sign(args: argparse.Namespace) -> int:
+    key = _load_key(args)
+    if key is None:
+        return 2
+    try:
+        doc = json.loads(Path(args.file).read_text() if args.file != "-" else sys.stdin.read())
+    except (OSError, ValueError) as exc:
+        print(f"cannot read a JSON object from {args.file}: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(doc, dict):
+        print("expected a JSON object", file=sys.stderr)
+        return 2
+    print(json.dumps(signing.sign(doc, key, args.key_id), ensure_ascii=False, indent=1))
+    return 0
+
+
+def _progress_printer(device_hint: str) -> Callable[[str, dict[str, Any]], None]:
+    tty = sys.stderr.isatty()
+
+    def show(device: str, doc: dict[str, Any]) -> None:
+        p = float(doc.get("progress") or 0.0)
+        bar = "#" * int(p * 30)
+        line = (f"{device}: [{bar:<30}] {p * 100:5.1f}% {doc.get('state')}"
+                f"{'  ' + str(doc.get('reason')) if doc.get('reason') else ''}")
+        print(("\r" + line[:150].ljust(150)) if tty else line, end="" if tty else "\n", file=sys.stderr,
+              flush=True)
+
+    return show
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from edgeagent.ops.fleet.connect import BrokerUrl, connect_and_wait, make_client
+
+    key = _load_key(args)
+    if key is None:
+        return 2
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"{path}: no such file", file=sys.stderr)
+        return 2
+    job = args.job or f"{args.name}-{args.version}-{uuid.uuid4().hex[:8]}"
+    try:
+        ttl = parse_duration_s(args.expires_in)
+        m = build_manifest(path, job=job, kind=args.kind, name=args.name, version=args.version,
+                           chunk_size=args.chunk_kb * 1024, ttl_s=ttl, arch=args.arch or None,
+                           hardware=args.hardware or None, min_agent=args.min_agent, critical=args.critical)
+        signed = signing.sign(m, key, args.key_id)
+        url = BrokerUrl.parse(args.broker, args.ca_file, args.cert_file, args.key_file)
+        # a persistent session per job: a broker restart mid-push keeps our subscriptions (status,
+        # chunk requests) and the QoS 1 messages queued for us
+        client = make_client(url, f"edgeagent-push-{job}"[:64], clean_start=False)
+        connect_and_wait(client, url, keepalive_s=30, clean_start=False,
+                         session_expiry_s=int(min(ttl, 86400)) + 60)
+    except (EdgeAgentError, ConnectionError, ValueError, OSError) as exc:
+        print(f"push: {exc}", file=sys.stderr)
+        return 2
+    print(f"job {job}: {args.kind} {args.name} {args.version}, {m['size']} bytes in {m['chunks']} chunks "
+          f"-> {'device ' + args.device if args.device else 'group ' + args.group}", file=sys.stderr)
+    pusher = Pusher(client, args.prefix, signed, path, device=args.device, group=args.group,
+                    expect=args.expect, on_status=_progress_printer(args.device or args.group))
+    try:
+        result = pusher.run(parse_duration_s(args.timeout))
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    ok = len(result.states) >= args.expect and all(s == "succeeded" for s in result.states.values())
+    for device, state in sorted(result.states.items()):
+        print(f"{device}: {state} {result.reasons.get(device, '')}".rstrip())
+    if len(result.states) < args.expect:
+        print(f"timed out: {len(result.states)} of {args.expect} device(s) finished", file=sys.stderr)
+    print(f"sent {result.chunks_sent} chunks ({result.resent} resent) in {result.seconds:.1f} s",
+          file=sys.stderr)
+    return 0 if ok else 1
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    kg = sub.add_parser("keygen", help="make an Ed25519 key pair for signing updates")
+    kg.add_argument("--key-id", required=True)
+    kg.add_argument("--out-dir", default=".")
+    kg.add_argument("--force", action="store_true")
+    kg.set_defaults(func=_cmd_keygen)
+
+    sg = sub.add_parser("sign", help="sign a JSON message (manifest, cancel, desired config)")
+    sg.add_argument("--key", required=True, help="PEM private key")
+    sg.add_argument("--key-id", required=True)
+    sg.add_argument("file", help="JSON file, or - for stdin")
+    sg.set_defaults(func=_cmd_sign)
+
+    ps = sub.add_parser("push", help="sign and push a model or firmware update, follow it to the end")
+    target = ps.add_mutually_exclusive_group(required=True)
+    target.add_argument("--device")
+    target.add_argument("--group")
+    ps.add_argument("--kind", choices=("model", "firmware"), required=True)
+    ps.add_argument("--name", required=True)
+    ps.add_argument("--version", required=True)
+    ps.add_argument("--key", required=True, help="PEM private key")
+    ps.add_argument("--key-id", required=True)
+    ps.add_argument("--broker", default=os.environ.get("EDGEAGENT_BROKER", "mqtt://127.0.0.1:1883"))
+    ps.add_argument("--ca-file")
+    ps.add_argument("--cert-file")
+    ps.add_argument("--key-file")
+    ps.add_argument("--prefix", default="edge")
+    ps.add_argument("--job", help="job id (default: name-version-random)")
+    ps.add_argument("--chunk-kb", type=int, default=DEFAULT_CHUNK // 1024)
+    ps.add_argument("--expires-in", default="1d")
+    ps.add_argument("--timeout", default="1h", help="give up following the status after this long")
+    ps.add_argument("--expect", type=int, default=1, help="devices that must finish (for --group)")
+    ps.add_argument("--arch", action="append", default=[])
+    ps.add_argument("--hardware", action="append", default=[])
+    ps.add_argument("--min-agent")
+    ps.add_argument("--critical", action="store_true")
+    ps.add_argument("file", type=Path)
+    ps.set_defaults(func=_cmd_push)

@@ -1,0 +1,1 @@
+"""Sensor sources (simulated, csv, mqtt) and windowing."""
