@@ -7,6 +7,9 @@ Lifecycle of a component (an async context manager with a `run()`):
   still retried, at the maximum backoff) -> on stop: cancel run() in reverse order, then exit
   (flush) in reverse order, all within `agent.shutdown_timeout_s`.
 Signals only set an Event; tests inject the trigger instead.
+
+This is the one place where components are wired: each gets the shared objects it uses
+(`edgeagent.core.live`) and its collaborators as constructor arguments.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import signal
 import time
 from collections import deque
@@ -25,9 +27,13 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from edgeagent import __version__
+from edgeagent.core import config as cfgmod
+from edgeagent.core.backoff import backoff_s
 from edgeagent.core.config import Config
-from edgeagent.core.hub import Hub
+from edgeagent.core.config_layers import ConfigLayers
+from edgeagent.core.live import LiveConfig, Metrics, OutboxRelay, RouterRelay, Sections
 from edgeagent.core.sdnotify import Notifier
+from edgeagent.core.tasks import cancel_and_wait
 from edgeagent.health import HealthWriter
 
 log = logging.getLogger(__name__)
@@ -61,41 +67,102 @@ class ComponentState:
                 "crash_loop": self.crash_loop}
 
 
-ComponentFactory = Callable[[Hub], Sequence[Component]]
+CrashListener = Callable[[str, str], None]  # (component name, error text)
 
 
-def default_components(hub: Hub) -> list[Component]:
+@dataclass
+class Wiring:
+    """What the agent hands to the component factory: the shared objects and the agent's hooks."""
+
+    live: LiveConfig
+    metrics: Metrics
+    outbox: OutboxRelay
+    router: RouterRelay
+    sections: Sections
+    layers: ConfigLayers
+    request_restart: Callable[[str], None]
+    crash_listeners: list[CrashListener] = field(default_factory=list)
+
+
+ComponentFactory = Callable[[Wiring], Sequence[Component]]
+
+
+def default_components(w: Wiring) -> list[Component]:
     """The production set, in start order (stopped in reverse)."""
-    from edgeagent.monitor.sampler import MonitorComponent
+    from edgeagent.monitor.component import MonitorComponent
     from edgeagent.remote_config import RemoteConfigComponent
     from edgeagent.rules import RulesComponent
     from edgeagent.telemetry import TelemetryComponent
     from edgeagent.transport import TransportComponent
     from edgeagent.updates import UpdatesComponent
 
-    components: list[Component] = [MonitorComponent(hub), TransportComponent(hub), TelemetryComponent(hub)]
-    if hub.config.inference.enabled:  # a restart-only key; numpy + TFLite cost ~30 MiB, so only then
+    monitor = MonitorComponent(w.live, w.metrics)
+    transport = TransportComponent(w.live, w.outbox, w.router, w.sections)
+    telemetry = TelemetryComponent(w.live, w.metrics, lambda: transport.sample_sink, w.sections)
+    components: list[Component] = [monitor, transport, telemetry]
+    sections = {"monitor": monitor.section, "spool": transport.spool_section, "mqtt": transport.mqtt_section,
+                "telemetry": telemetry.section}
+    inference = None
+    if w.live.config.inference.enabled:  # a restart-only key; numpy + TFLite cost ~30 MiB, so only then
         from edgeagent.inference.pipeline import InferenceComponent
 
-        components.append(InferenceComponent(hub))
-    components += [RulesComponent(hub), UpdatesComponent(hub), RemoteConfigComponent(hub)]
+        inference = InferenceComponent(w.live, w.outbox)
+        components.append(inference)
+        sections["inference"] = inference.section
+    rules = RulesComponent(w.live, w.metrics, w.outbox, w.router, w.sections, w.layers)
+    updates = UpdatesComponent(w.live, w.metrics, w.outbox, w.router, model_installer=inference,
+                               inference_section=inference.section if inference is not None else None)
+    remote = RemoteConfigComponent(w.live, w.outbox, w.router, w.layers, w.request_restart)
+    w.crash_listeners.append(remote.on_crash)
+    components += [rules, updates, remote]
+    sections.update(rules=rules.section, updates=updates.section, firmware=updates.firmware_section,
+                    config=remote.section)
+    w.sections.bind(sections)
     return components
 
 
 class Agent:
     def __init__(self, config: Config, components: ComponentFactory = default_components,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None,
+                 layers: tuple[dict[str, Any], dict[str, Any]] | None = None) -> None:
+        """`layers`: the file and remote layers the config was built from (`load_effective`); by
+        default the config itself is taken as the file layer."""
         self.config = config
-        self.hub = Hub(config)
+        live = LiveConfig(config)
+        file, remote = layers if layers is not None else (cfgmod.to_dict(config), {})
+        self.wiring = Wiring(live=live, metrics=Metrics(), outbox=OutboxRelay(), router=RouterRelay(),
+                             sections=Sections(), layers=ConfigLayers(live, file, remote),
+                             request_restart=self.request_restart)
         self._factory = components
         self.notifier = notifier or Notifier()
         self.stop_event = asyncio.Event()
         self.states: dict[str, ComponentState] = {}
         self.state = "starting"
         self.started_at = time.time()
-        self.health = HealthWriter(self)
+        self.health = HealthWriter(config.state_dir, self.health_snapshot,
+                                   lambda: self.wiring.live.config.agent.health_interval_s)
         self.restart_reason: str | None = None
-        self.hub.request_restart = self.request_restart
+
+    @property
+    def live(self) -> LiveConfig:
+        return self.wiring.live
+
+    def health_snapshot(self) -> dict[str, Any]:
+        """health.json's content; taken on the loop (sections read loop-owned state)."""
+        cfg = self.wiring.live.config
+        return {
+            "v": 1,
+            "ts": time.time(),
+            "pid": os.getpid(),
+            "agent": __version__,
+            "device": cfg.device.id,
+            "state": self.state,
+            "started_at": self.started_at,
+            "interval_s": cfg.agent.health_interval_s,
+            "components": {name: s.as_dict() for name, s in self.states.items()},
+            "busy": dict(self.wiring.live.busy),
+            "sections": self.wiring.sections.snapshot(),
+        }
 
     def request_restart(self, reason: str) -> None:
         """Stop cleanly and exit with RESTART_EXIT_CODE so that the service manager starts us again."""
@@ -116,7 +183,7 @@ class Agent:
         """Run until stop is requested; returns the process exit code."""
         cfg = self.config
         os.makedirs(cfg.state_dir, exist_ok=True)
-        components = list(self._factory(self.hub))
+        components = list(self._factory(self.wiring))
         deadline_s = cfg.agent.shutdown_timeout_s
         stack = contextlib.AsyncExitStack()
         tasks: list[asyncio.Task[None]] = []
@@ -145,9 +212,7 @@ class Agent:
 
             # 1. stop inputs first: cancel supervised loops in reverse start order
             for task in reversed(tasks):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
-                    await asyncio.wait_for(asyncio.shield(task), remaining())
+                await cancel_and_wait(task, remaining())
             # 2. flush and close in reverse order (AsyncExitStack unwinds in reverse)
             close = asyncio.create_task(stack.aclose(), name="close-components")
             try:
@@ -155,9 +220,7 @@ class Agent:
             except asyncio.TimeoutError:
                 log.error("components did not stop within shutdown_timeout_s; cancelling",
                           extra={"kv": {"shutdown_timeout_s": deadline_s}})
-                close.cancel()
-                with contextlib.suppress(BaseException):
-                    await close
+                await cancel_and_wait(close)
                 exit_code = 1
             except Exception:
                 log.exception("error while stopping components")
@@ -165,11 +228,7 @@ class Agent:
             for state in self.states.values():
                 if state.state not in ("failed",):
                     state.state = "stopped"
-            for task in aux:
-                task.cancel()
-            for task in aux:
-                with contextlib.suppress(BaseException):
-                    await task
+            await cancel_and_wait(aux, remaining())
             self.state = "stopped"
             self.health.write_now()
             self.notifier.close()
@@ -200,11 +259,10 @@ class Agent:
                 st.last_error = f"{type(exc).__name__}: {exc}"
                 st.crash_times.append(now)
                 recent = sum(1 for t in st.crash_times if now - t <= cfg.crash_loop_window_s)
-                delay = min(cfg.restart_max_s, cfg.restart_initial_s * 2 ** (attempt - 1))
-                delay *= random.uniform(0.8, 1.2)
+                delay = backoff_s(attempt, cfg.restart_initial_s, cfg.restart_max_s, jitter=0.2)
                 log.error("component %s crashed; restarting in %.1fs", c.name, delay, exc_info=True,
                           extra={"kv": {"component": c.name, "restarts": st.restarts}})
-                for listener in list(self.hub.crash_listeners):
+                for listener in list(self.wiring.crash_listeners):
                     try:
                         listener(c.name, st.last_error)
                     except Exception:
@@ -212,15 +270,16 @@ class Agent:
                 if recent > cfg.crash_loop_restarts:
                     if not st.crash_loop:
                         st.crash_loop = True
-                        self.hub.emit_event("error", "critical", f"component {c.name} is in a crash loop",
-                                            {"component": c.name, "crashes": recent,
-                                             "window_s": cfg.crash_loop_window_s, "error": st.last_error})
+                        self.wiring.outbox.emit_event(
+                            "error", "critical", f"component {c.name} is in a crash loop",
+                            {"component": c.name, "crashes": recent, "window_s": cfg.crash_loop_window_s,
+                             "error": st.last_error})
                     delay = cfg.restart_max_s
                     st.state = "failed"
                 else:
-                    self.hub.emit_event("error", "warning", f"component {c.name} crashed and restarts",
-                                        {"component": c.name, "error": st.last_error,
-                                         "restarts": st.restarts})
+                    self.wiring.outbox.emit_event(
+                        "error", "warning", f"component {c.name} crashed and restarts",
+                        {"component": c.name, "error": st.last_error, "restarts": st.restarts})
                     st.state = "restarting"
                 await asyncio.sleep(delay)
                 if st.crash_loop and recent <= cfg.crash_loop_restarts:
@@ -228,8 +287,9 @@ class Agent:
 
 
 async def run_agent(config: Config, components: ComponentFactory = default_components,
-                    install_signals: bool = True) -> int:
-    agent = Agent(config, components)
+                    install_signals: bool = True,
+                    layers: tuple[dict[str, Any], dict[str, Any]] | None = None) -> int:
+    agent = Agent(config, components, layers=layers)
     if install_signals:
         agent.install_signal_handlers()
     return await agent.run()

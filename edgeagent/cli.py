@@ -20,7 +20,7 @@ from edgeagent import __version__
 from edgeagent.core.errors import ConfigError
 
 # runtime modules with `add_parsers(sub: argparse._SubParsersAction) -> None`
-PLUGINS: tuple[str, ...] = ("edgeagent.monitor.sampler", "edgeagent.config_cli", "edgeagent.transport.cli",
+PLUGINS: tuple[str, ...] = ("edgeagent.monitor.cli", "edgeagent.config_cli", "edgeagent.transport.cli",
                            "edgeagent.status")
 # operator tools plug in from outside the runtime (pyproject.toml [project.entry-points])
 ENTRY_POINT_GROUP = "edgeagent.commands"

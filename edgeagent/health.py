@@ -7,44 +7,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
-import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from edgeagent import __version__
 from edgeagent.core.fsutil import atomic_write_json
 from edgeagent.core.logs import Once
-
-if TYPE_CHECKING:
-    from edgeagent.agent import Agent
 
 log = logging.getLogger(__name__)
 HEALTH_FILE = "health.json"
 
 
 class HealthWriter:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    """Writes `snapshot()` (built on the loop by the agent) to health.json, in order, off the loop."""
+
+    def __init__(self, state_dir: Path, snapshot: Callable[[], dict[str, Any]],
+                 interval_s: Callable[[], float]) -> None:
+        self.path = state_dir / HEALTH_FILE
+        self.snapshot = snapshot
+        self.interval_s = interval_s
         self._lock = threading.Lock()
         self._last_ts = 0.0
         self._once = Once(log)
-
-    def snapshot(self) -> dict[str, Any]:
-        a = self.agent
-        return {
-            "v": 1,
-            "ts": time.time(),
-            "pid": os.getpid(),
-            "agent": __version__,
-            "device": a.config.device.id,
-            "state": a.state,
-            "started_at": a.started_at,
-            "interval_s": a.config.agent.health_interval_s,
-            "components": {name: s.as_dict() for name, s in a.states.items()},
-            "busy": dict(a.hub.busy),
-            "sections": a.hub.sections(),
-        }
 
     def write_now(self) -> None:
         """Synchronous write (at stop, when nothing else runs any more)."""
@@ -56,7 +41,7 @@ class HealthWriter:
                 return
             self._last_ts = snapshot["ts"]
             try:
-                atomic_write_json(self.agent.config.state_dir / HEALTH_FILE, snapshot)
+                atomic_write_json(self.path, snapshot)
             except (OSError, TypeError, ValueError) as exc:
                 self._once.warning("write", "cannot write health file: %s", exc)
 
@@ -70,4 +55,4 @@ class HealthWriter:
                 raise
             except Exception as exc:  # a broken provider must not end health reporting for good
                 self._once.warning("snapshot", "health snapshot failed: %s", exc)
-            await asyncio.sleep(self.agent.config.agent.health_interval_s)
+            await asyncio.sleep(self.interval_s())

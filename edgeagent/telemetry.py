@@ -1,6 +1,6 @@
 """Telemetry samples: the monitor's metrics plus inference and spool figures, into the spool.
 
-One sample every `telemetry.interval_s x hub.factor("telemetry")` (power_save slows it down). A
+One sample every `telemetry.interval_s x live.factor("telemetry")` (power_save slows it down). A
 sample is `{"seq","ts","metrics","inference","spool"}`; the spool numbers it (`seq`, persisted)
 and keeps it until the broker acknowledged it. Batching (`telemetry.batch_max` samples per
 message, `telemetry.batch_wait_s`) happens when publishing, so every sample is durable at once.
@@ -13,10 +13,11 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from edgeagent.core.hub import Hub
+from edgeagent.core.live import LiveConfig, Metrics, Sections
 from edgeagent.core.logs import Once
 from edgeagent.transport.outbox import SampleSink
 
@@ -38,39 +39,40 @@ def build_sample(metrics: dict[str, Any], sections: dict[str, dict[str, Any]], t
 class TelemetryComponent:
     name = "telemetry"
 
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
+    def __init__(self, live: LiveConfig, metrics: Metrics, sink: Callable[[], SampleSink | None],
+                 sections: Sections) -> None:
+        self.live = live
+        self.metrics = metrics
+        self._sink = sink
+        self._sections = sections
         self.samples = 0
         self.last_seq = 0
         self._first_metrics = asyncio.Event()
 
     async def __aenter__(self) -> TelemetryComponent:
-        self.hub.providers["telemetry"] = self.section
         self._first_metrics = asyncio.Event()
-        self.hub.on_metrics(lambda _m: self._first_metrics.set())
+        self.metrics.subscribe(lambda _m: self._first_metrics.set())
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         self.sample_now()  # the last word before the transport flushes and says "offline"
-        self.hub.providers.pop("telemetry", None)
 
     def section(self) -> dict[str, Any]:
         return {"samples": self.samples, "last_seq": self.last_seq, "interval_s": self._interval_s()}
 
     def _interval_s(self) -> float:
-        return self.hub.config.telemetry.interval_s * self.hub.factor(self.name)
+        return self.live.config.telemetry.interval_s * self.live.factor(self.name)
 
     def sample_now(self) -> int | None:
         """Build one sample and spool it; returns its seq (0 while the spool cannot be written and
         the sample waits in memory, None without a spool)."""
-        sink = self.hub.outbox
-        if not isinstance(sink, SampleSink):
+        sink = self._sink()
+        if sink is None:
             _once.warning("nosink", "no spool-backed outbox (transport not running); sample dropped")
             return None
-        sections = self.hub.sections()
-        sections.pop("telemetry", None)
-        seq = sink.add_sample(build_sample(self.hub.metrics, sections, time.time()))
+        sections = self._sections.snapshot(("inference", "spool"))
+        seq = sink.add_sample(build_sample(self.metrics.latest, sections, time.time()))
         self.samples += 1
         if seq:  # 0: the spool could not be written now; the sample waits in memory for its seq
             self.last_seq = seq
@@ -78,7 +80,7 @@ class TelemetryComponent:
 
     async def run(self) -> None:
         # the first sample waits (a little) for the monitor's first reading: no empty sample per start
-        if not self.hub.metrics:
+        if not self.metrics.latest:
             with contextlib.suppress(asyncio.TimeoutError):
                 wait_s = min(self._interval_s(), FIRST_METRICS_WAIT_S)
                 await asyncio.wait_for(self._first_metrics.wait(), wait_s)
@@ -88,7 +90,7 @@ class TelemetryComponent:
             due = last + interval
             now = time.monotonic()
             if now < due:
-                await self.hub.sleep_or_change(due - now)
+                await self.live.sleep_or_change(due - now)
                 continue
             # keep the rate (no drift) unless we fell more than one interval behind
             last = due if now - due < interval else now

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from edgeagent.agent import Agent, Component
+from edgeagent.agent import Agent, Component, Wiring
 from edgeagent.core import config
-from edgeagent.core.hub import Hub, MemoryOutbox
+from edgeagent.core.live import MemoryOutbox
 from edgeagent.core.sdnotify import Notifier
 from tests.util import wait_until
 
@@ -86,7 +86,7 @@ def make_config(tmp_path: Path, **agent: Any) -> config.Config:
 
 
 def factory(*components: Component) -> Any:
-    def make(hub: Hub) -> Sequence[Component]:
+    def make(w: Wiring) -> Sequence[Component]:
         return list(components)
     return make
 
@@ -212,7 +212,7 @@ def test_crashing_component_is_restarted_and_reported(tmp_path: Path) -> None:
         assert await asyncio.wait_for(task, 10) == 0
 
     asyncio.run(main())
-    outbox = agent.hub.outbox
+    outbox = agent.wiring.outbox.target
     assert isinstance(outbox, MemoryOutbox)
     crash_events = [e for e in outbox.events if e[0] == "error" and "crasher" in e[2]]
     assert len(crash_events) == 2 and crash_events[0][3]["error"] == "RuntimeError: boom 1"
@@ -226,7 +226,7 @@ def test_crash_loop_is_reported_as_critical(tmp_path: Path) -> None:
 
     async def main() -> None:
         task = asyncio.create_task(agent.run())
-        outbox = agent.hub.outbox
+        outbox = agent.wiring.outbox.target
         assert isinstance(outbox, MemoryOutbox)
         deadline = time.monotonic() + 10
         while not any(e[1] == "critical" for e in outbox.events):
@@ -319,8 +319,7 @@ def test_restart_request_stops_cleanly_with_the_restart_exit_code(tmp_path: Path
         task = asyncio.create_task(agent.run())
         while agent.state != "running":
             await asyncio.sleep(0.01)
-        assert agent.hub.request_restart is not None
-        agent.hub.request_restart("config rollback needs mqtt.port")
+        agent.wiring.request_restart("config rollback needs mqtt.port")
         return await asyncio.wait_for(task, 10)
 
     assert asyncio.run(main()) == RESTART_EXIT_CODE

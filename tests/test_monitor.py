@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
@@ -21,10 +20,12 @@ import pytest
 
 from edgeagent.core import config as cfgmod
 from edgeagent.core.config import MonitorConfig
-from edgeagent.core.hub import Hub
+from edgeagent.core.live import LiveConfig
+from edgeagent.core.live import Metrics as MetricsFeed
+from edgeagent.core.tasks import cancel_and_wait
+from edgeagent.monitor.component import MonitorComponent
 from edgeagent.monitor.sampler import (
     Metrics,
-    MonitorComponent,
     Sampler,
     decode_throttled,
     parse_power,
@@ -461,37 +462,34 @@ def test_component_publishes_at_the_configured_interval(tmp_path: Path) -> None:
                              "monitor": {"interval_s": interval_s}})
 
     async def main() -> None:
-        hub = Hub(cfg(3600))
-        hub.slowdown["monitor"] = 8.0  # power_save
+        live, feed = LiveConfig(cfg(3600)), MetricsFeed()
+        live.slowdown["monitor"] = 8.0  # power_save
         seen: list[float] = []
-        hub.on_metrics(lambda m: seen.append(time.monotonic()))
-        comp = MonitorComponent(hub)
+        feed.subscribe(lambda m: seen.append(time.monotonic()))
+        comp = MonitorComponent(live, feed)
         assert comp.name == "monitor"
         async with comp:
-            assert hub.providers["monitor"]()["samples"] == 0
+            assert comp.section()["samples"] == 0
             task = asyncio.create_task(comp.run(), name="monitor-test")
             try:
                 # the first sample comes at once, then the loop waits out the (long) interval...
                 await async_wait_until(lambda: len(seen) >= 1, 30.0, message="first sample")
-                assert "cpu_percent" not in hub.metrics  # rates need two samples: not faked
-                assert "mem_used_percent" in hub.metrics
-                assert abs(hub.metrics_ts - time.time()) < 30.0
+                assert "cpu_percent" not in feed.latest  # rates need two samples: not faked
+                assert "mem_used_percent" in feed.latest
+                assert abs(feed.ts - time.time()) < 30.0
                 # ...until a live config change, which applies at once: 0.05 s x factor 8 = 0.4 s
-                hub.replace_config(cfg(0.05))
+                live.replace(cfg(0.05))
                 await async_wait_until(lambda: len(seen) >= 5, 30.0, message="5 samples")
                 # interval x factor (0.4 s), not the bare interval (0.05 s); publish times also
                 # carry the worker thread's jitter, hence the margins
                 gaps = [b - a for a, b in itertools.pairwise(seen)]
                 assert min(gaps) >= 0.2 and (seen[-1] - seen[0]) / len(gaps) >= 0.3, gaps
-                assert "cpu_percent" in hub.metrics
-                section = hub.providers["monitor"]()
+                assert "cpu_percent" in feed.latest
+                section = comp.section()
                 assert section["interval_s"] == 0.4
                 assert section["samples"] == len(seen) and section["mean_sample_cpu_ms"] > 0
             finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        assert "monitor" not in hub.providers
+                await cancel_and_wait(task)
 
     asyncio.run(main())
 

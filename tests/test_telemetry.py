@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.core.hub import Hub
 from edgeagent.telemetry import TelemetryComponent, build_sample
-from edgeagent.transport import TransportComponent
+from tests import rig
+from tests.rig import wiring
 from tests.transport_util import make_config
 from tests.util import async_wait_until
 
@@ -26,19 +26,20 @@ def test_build_sample_takes_metrics_and_known_sections_only() -> None:
 
 def test_samples_flow_into_the_spool_and_the_last_one_is_written_at_exit(tmp_path: Path) -> None:
     async def main() -> None:
-        hub = Hub(make_config(tmp_path / "state", None, telemetry={"interval_s": 0.02}))
-        hub.publish_metrics({"cpu_percent": 7.0})
-        async with TransportComponent(hub) as transport:
+        w = wiring(make_config(tmp_path / "state", None, telemetry={"interval_s": 0.02}))
+        w.metrics.publish({"cpu_percent": 7.0})
+        async with rig.transport(w) as transport:
             spool = transport.spool
             assert spool is not None
-            tel = TelemetryComponent(hub)
+            tel = rig.telemetry(w, transport)
+            w.sections.bind({"telemetry": tel.section, "spool": transport.spool_section})
             async with tel:
                 task = asyncio.create_task(tel.run())
                 await async_wait_until(lambda: spool.count >= 10, 10)
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await task
-                assert hub.sections()["telemetry"]["samples"] == tel.samples
+                assert w.sections.snapshot()["telemetry"]["samples"] == tel.samples
                 before = tel.samples
             assert tel.samples == before + 1  # exit flushed one more
             rows = await asyncio.to_thread(spool.fetch, 0, None, 1000)
@@ -53,12 +54,12 @@ def test_samples_flow_into_the_spool_and_the_last_one_is_written_at_exit(tmp_pat
 
 def test_power_save_factor_slows_sampling(tmp_path: Path) -> None:
     async def main() -> None:
-        hub = Hub(make_config(tmp_path / "state", None, telemetry={"interval_s": 0.05}))
-        async with TransportComponent(hub):
-            tel = TelemetryComponent(hub)
+        w = wiring(make_config(tmp_path / "state", None, telemetry={"interval_s": 0.05}))
+        async with rig.transport(w) as transport:
+            tel = rig.telemetry(w, transport)
             assert tel.section()["interval_s"] == pytest.approx(0.05)
-            hub.slowdown["telemetry"] = 4.0
-            hub.notify_changed()
+            w.live.slowdown["telemetry"] = 4.0
+            w.live.notify_changed()
             assert tel.section()["interval_s"] == pytest.approx(0.2)
 
     asyncio.run(main())
@@ -66,8 +67,8 @@ def test_power_save_factor_slows_sampling(tmp_path: Path) -> None:
 
 def test_without_a_spool_samples_are_dropped_with_one_warning(tmp_path: Path,
                                                               caplog: pytest.LogCaptureFixture) -> None:
-    hub = Hub(make_config(tmp_path / "state", None))
-    tel = TelemetryComponent(hub)
+    w = wiring(make_config(tmp_path / "state", None))
+    tel = TelemetryComponent(w.live, w.metrics, lambda: None, w.sections)
     with caplog.at_level(logging.WARNING, logger="edgeagent.telemetry"):
         assert tel.sample_now() is None
     assert any("no spool-backed outbox" in r.getMessage() for r in caplog.records)

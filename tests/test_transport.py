@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.core.hub import Hub
 from edgeagent.core.protocol import dumps
-from edgeagent.telemetry import TelemetryComponent
-from edgeagent.transport import Spool, TransportComponent
+from edgeagent.transport import Spool
 from edgeagent.transport.router import SessionRouter
+from tests import rig
 from tests.broker import Broker
+from tests.rig import wiring
 from tests.transport_util import Observer, assert_retained_shutdown, contiguous, make_config
 from tests.util import async_wait_until
 
@@ -29,9 +29,9 @@ def test_backlog_is_drained_without_starving_live_samples(tmp_path: Path) -> Non
 
     async def main() -> None:
         cfg = make_config(tmp_path / "state", broker.port, telemetry={"batch_max": 1})
-        hub = Hub(cfg)
-        async with TransportComponent(hub) as transport:
-            tel = TelemetryComponent(hub)
+        w = wiring(cfg)
+        async with rig.transport(w) as transport:
+            tel = rig.telemetry(w, transport)
             for _ in range(3000):
                 tel.sample_now()
             assert transport.spool is not None and transport.spool.count == 3000
@@ -58,9 +58,9 @@ def test_samples_are_batched_and_every_seq_arrives(tmp_path: Path, broker: Broke
     async def main() -> None:
         cfg = make_config(tmp_path / "state", broker.port,
                           telemetry={"batch_max": 5, "batch_wait_s": 0.3, "interval_s": 0.02})
-        hub = Hub(cfg)
-        async with TransportComponent(hub):
-            async with TelemetryComponent(hub) as tel:
+        w = wiring(cfg)
+        async with rig.transport(w) as transport:
+            async with rig.telemetry(w, transport) as tel:
                 task = asyncio.create_task(tel.run())
                 await async_wait_until(lambda: len(obs.seqs()) >= 40, 20)
                 task.cancel()
@@ -82,22 +82,22 @@ def test_presence_online_then_shutdown_and_events(tmp_path: Path, broker: Broker
     obs = Observer(broker.port)
 
     async def main() -> None:
-        hub = Hub(make_config(tmp_path / "state", broker.port))
-        hub.providers["inference"] = lambda: {"model": "vibration-anomaly@1.2.0"}
-        hub.providers["firmware"] = lambda: {"version": "2026.11.1", "slot": "A"}
-        hub.emit_event("update", "info", "emitted before the transport existed")
-        async with TransportComponent(hub):
+        w = wiring(make_config(tmp_path / "state", broker.port))
+        w.sections.bind({"inference": lambda: {"model": "vibration-anomaly@1.2.0"},
+                         "firmware": lambda: {"version": "2026.11.1", "slot": "A"}})
+        w.outbox.emit_event("update", "info", "emitted before the transport existed")
+        async with rig.transport(w) as transport:
             await async_wait_until(lambda: obs.on("edge/dev1/status"), 10)
             status = obs.on("edge/dev1/status")[0]
             assert status["state"] == "online" and status["v"] == 1
             assert status["model"] == {"name": "vibration-anomaly", "version": "1.2.0"}
             assert status["firmware"] == {"version": "2026.11.1", "slot": "A"}
-            hub.emit_event("rule", "warning", "hot", {"temp_c": 80})
+            w.outbox.emit_event("rule", "warning", "hot", {"temp_c": 80})
             await async_wait_until(lambda: len(obs.on("edge/dev1/events")) == 2, 10)
             events = obs.on("edge/dev1/events")
             assert [e["seq"] for e in events] == [1, 2]
             assert events[1]["data"] == {"temp_c": 80} and events[1]["device"] == "dev1"
-            await async_wait_until(lambda: hub.sections()["mqtt"]["rtt_ms"] is not None, 10)
+            await async_wait_until(lambda: transport.mqtt_section()["rtt_ms"] is not None, 10)
         await async_wait_until(lambda: obs.on("edge/dev1/status")[-1].get("reason") == "shutdown", 10)
         assert obs.on("edge/dev1/status")[-1]["state"] == "offline"
 
@@ -113,7 +113,7 @@ def test_router_runs_handlers_apart_and_survives_errors(tmp_path: Path, broker: 
     obs = Observer(broker.port, ("nothing/#",))
 
     async def main() -> None:
-        hub = Hub(make_config(tmp_path / "state", broker.port))
+        w = wiring(make_config(tmp_path / "state", broker.port))
         fast: list[bytes] = []
         release = asyncio.Event()
         slow: list[bytes] = []
@@ -127,12 +127,12 @@ def test_router_runs_handlers_apart_and_survives_errors(tmp_path: Path, broker: 
                 raise ValueError("bad payload")
             fast.append(payload)
 
-        async with TransportComponent(hub):
-            hub.router.subscribe("edge/dev1/config/desired", slow_handler)
-            await asyncio.wait_for(hub.router.wait_connected(), 10)
+        async with rig.transport(w):
+            w.router.subscribe("edge/dev1/config/desired", slow_handler)
+            await asyncio.wait_for(w.router.wait_connected(), 10)
             # subscribed after connect: the session subscribes it at once
-            hub.router.subscribe("edge/dev1/updates/+/#", fast_handler)
-            router = hub.router
+            w.router.subscribe("edge/dev1/updates/+/#", fast_handler)
+            router = w.router.target
             assert isinstance(router, SessionRouter)
             await async_wait_until(lambda: "edge/dev1/updates/+/#" in router.active, 5)
             obs.publish("edge/dev1/config/desired", b"c1")
@@ -161,10 +161,10 @@ def test_commands_sent_while_offline_arrive_after_reconnect(protocol: str, tmp_p
         got.append((topic, payload))
 
     async def run_once(until_connected: bool) -> None:
-        hub = Hub(make_config(tmp_path / "state", broker.port, mqtt={"protocol": protocol}))
-        hub.router.subscribe("edge/dev1/updates/+/#", handler)
-        async with TransportComponent(hub):
-            await asyncio.wait_for(hub.router.wait_connected(), 10)
+        w = wiring(make_config(tmp_path / "state", broker.port, mqtt={"protocol": protocol}))
+        w.router.subscribe("edge/dev1/updates/+/#", handler)
+        async with rig.transport(w):
+            await asyncio.wait_for(w.router.wait_connected(), 10)
             if not until_connected:
                 await async_wait_until(lambda: got, 10)
 
@@ -182,12 +182,12 @@ def test_states_last_value_wins_and_are_retained(tmp_path: Path, broker: Broker)
     broker.stop()
 
     async def main() -> None:
-        hub = Hub(make_config(tmp_path / "state", broker.port))
-        async with TransportComponent(hub) as transport:
-            topic = hub.topics.config_reported
-            hub.outbox.put_state(topic, {"v": 1, "version": 1})
-            hub.outbox.put_state(topic, {"v": 1, "version": 2})
-            hub.outbox.put_message(hub.topics.job_request("j1"), {"v": 1, "job": "j1", "missing": [[0, 3]]})
+        w = wiring(make_config(tmp_path / "state", broker.port))
+        async with rig.transport(w) as transport:
+            topic = w.live.topics.config_reported
+            w.outbox.put_state(topic, {"v": 1, "version": 1})
+            w.outbox.put_state(topic, {"v": 1, "version": 2})
+            w.outbox.put_message(w.live.topics.job_request("j1"), {"v": 1, "job": "j1", "missing": [[0, 3]]})
             await asyncio.to_thread(broker.start)
             await async_wait_until(lambda: obs.on(topic), 20)
             await async_wait_until(lambda: transport.spool is not None and transport.spool.states_pending == 0
@@ -195,7 +195,7 @@ def test_states_last_value_wins_and_are_retained(tmp_path: Path, broker: Broker)
             # only the last value went out (the observer may see it twice: live and as retained)
             assert {m["version"] for m in obs.on(topic)} == {2}
             assert obs.on("edge/dev1/updates/j1/request") == [{"v": 1, "job": "j1", "missing": [[0, 3]]}]
-            hub.outbox.put_state(topic, {"v": 1, "version": 3})  # while connected: sent at once
+            w.outbox.put_state(topic, {"v": 1, "version": 3})  # while connected: sent at once
             await async_wait_until(lambda: obs.on(topic)[-1]["version"] == 3, 10)
 
     try:
@@ -214,20 +214,20 @@ def test_states_last_value_wins_and_are_retained(tmp_path: Path, broker: Broker)
 
 def test_offline_mode_spools_quietly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
-        hub = Hub(make_config(tmp_path / "state", None, spool={"max_mb": 0.01}))
-        async with TransportComponent(hub) as transport:
-            tel = TelemetryComponent(hub)
-            hub.publish_metrics({"cpu_percent": 5.0, "pad": "x" * 300})
+        w = wiring(make_config(tmp_path / "state", None, spool={"max_mb": 0.01}))
+        async with rig.transport(w) as transport:
+            tel = rig.telemetry(w, transport)
+            w.metrics.publish({"cpu_percent": 5.0, "pad": "x" * 300})
             spool = transport.spool
             assert spool is not None
             for _ in range(1000):
                 tel.sample_now()
                 if spool.dropped_total:
                     break
-            assert hub.sections()["mqtt"]["connected"] is False
+            assert transport.mqtt_section()["connected"] is False
             assert spool.bytes <= spool.max_bytes
             assert spool.dropped["samples"] > 0
-            assert hub.sections()["spool"]["dropped"] == spool.dropped_total
+            assert transport.spool_section()["dropped"] == spool.dropped_total
             rows = await asyncio.to_thread(spool.fetch, 0, None, 1000)
             events = [json.loads(r.payload) for r in rows if r.kind == "E"]
             assert any("spool full" in e["message"] and e["kind"] == "error" for e in events)
@@ -244,9 +244,9 @@ def test_corrupt_spool_is_moved_aside_and_reported(tmp_path: Path, broker: Broke
     obs = Observer(broker.port)
 
     async def main() -> Path:
-        hub = Hub(make_config(state, broker.port))
-        async with TransportComponent(hub):
-            TelemetryComponent(hub).sample_now()
+        w = wiring(make_config(state, broker.port))
+        async with rig.transport(w) as transport:
+            rig.telemetry(w, transport).sample_now()
             await async_wait_until(lambda: obs.on("edge/dev1/events") and obs.seqs(), 10)
         event = obs.on("edge/dev1/events")[0]
         assert event["kind"] == "error" and event["severity"] == "critical"
@@ -268,11 +268,12 @@ def test_payloads_are_valid_protocol(tmp_path: Path, broker: Broker) -> None:
     obs = Observer(broker.port)
 
     async def main() -> None:
-        hub = Hub(make_config(tmp_path / "state", broker.port))
-        hub.publish_metrics({"cpu_percent": 1.5, "temp_c": 40.0})
-        hub.providers["inference"] = lambda: {"model": "m@1", "count": 3}
-        async with TransportComponent(hub):
-            TelemetryComponent(hub).sample_now()
+        w = wiring(make_config(tmp_path / "state", broker.port))
+        w.metrics.publish({"cpu_percent": 1.5, "temp_c": 40.0})
+        async with rig.transport(w) as transport:
+            w.sections.bind({"inference": lambda: {"model": "m@1", "count": 3},
+                             "spool": transport.spool_section})
+            rig.telemetry(w, transport).sample_now()
             await async_wait_until(lambda: obs.seqs(), 10)
         msg = obs.on("edge/dev1/telemetry")[0]
         assert msg["v"] == 1 and msg["device"] == "dev1"
@@ -296,9 +297,9 @@ def test_username_password_and_a_clear_refusal(tmp_path: Path, caplog: pytest.Lo
     broker = Broker(workdir=tmp_path / "broker", password_file=pw).start()
 
     async def run(password: str) -> tuple[int, str | None]:
-        hub = Hub(make_config(tmp_path / f"state-{password}", broker.port,
+        w = wiring(make_config(tmp_path / f"state-{password}", broker.port,
                               mqtt={"username": "dev1", "password": password}))
-        async with TransportComponent(hub) as t:
+        async with rig.transport(w) as t:
             session = t.session
             assert session is not None
             await async_wait_until(lambda: session.connects or session.failed_connects >= 2, 10)
@@ -316,18 +317,18 @@ def test_username_password_and_a_clear_refusal(tmp_path: Path, caplog: pytest.Lo
 
 def test_connection_state_follows_the_broker(tmp_path: Path, broker: Broker) -> None:
     async def main() -> None:
-        hub = Hub(make_config(tmp_path / "state", broker.port))
-        async with TransportComponent(hub):
-            await asyncio.wait_for(hub.router.wait_connected(), 10)
-            assert hub.sections()["mqtt"]["connected"] is True
+        w = wiring(make_config(tmp_path / "state", broker.port))
+        async with rig.transport(w) as transport:
+            await asyncio.wait_for(w.router.wait_connected(), 10)
+            assert transport.mqtt_section()["connected"] is True
             await asyncio.to_thread(broker.stop)
-            await async_wait_until(lambda: not hub.router.connected, 10, message="disconnected")
-            mqtt = hub.sections()["mqtt"]
+            await async_wait_until(lambda: not w.router.connected, 10, message="disconnected")
+            mqtt = transport.mqtt_section()
             assert mqtt["connected"] is False and mqtt["since"] is None
             assert "lost" in (mqtt["last_error"] or "")
             await asyncio.to_thread(broker.start)
-            await asyncio.wait_for(hub.router.wait_connected(), 20)
-            assert hub.sections()["mqtt"]["reconnects"] == 1
+            await asyncio.wait_for(w.router.wait_connected(), 20)
+            assert transport.mqtt_section()["reconnects"] == 1
 
     asyncio.run(main())
 
@@ -338,9 +339,9 @@ def test_status_follows_the_model_once_it_is_known(tmp_path: Path, broker: Broke
     model: dict[str, str] = {}
 
     async def main() -> None:
-        hub = Hub(make_config(tmp_path / "state", broker.port))
-        hub.providers["inference"] = lambda: dict(model)
-        async with TransportComponent(hub):
+        w = wiring(make_config(tmp_path / "state", broker.port))
+        w.sections.bind({"inference": lambda: dict(model)})
+        async with rig.transport(w):
             await async_wait_until(lambda: obs.on("edge/dev1/status"), 10)
             assert "model" not in obs.on("edge/dev1/status")[0]
             model["model"] = "vibration-anomaly@1.1.0"
@@ -363,11 +364,11 @@ def test_hostile_retained_ping_does_not_break_the_session(tmp_path: Path, broker
         # only the last one stays retained; each is delivered at least to the next connect
 
     async def main() -> None:
-        hub = Hub(make_config(tmp_path / "state", broker.port))
-        async with TransportComponent(hub) as t:
-            await async_wait_until(lambda: hub.sections()["mqtt"]["rtt_ms"] is not None, 15)
+        w = wiring(make_config(tmp_path / "state", broker.port))
+        async with rig.transport(w) as t:
+            await async_wait_until(lambda: t.mqtt_section()["rtt_ms"] is not None, 15)
             assert t.session is not None and t.session.connects == 1
-            assert hub.router.connected
+            assert w.router.connected
 
     asyncio.run(main())
 

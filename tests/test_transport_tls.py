@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edgeagent.core.hub import Hub
-from edgeagent.transport import TransportComponent
+from tests import rig
 from tests.broker import Broker, TlsFiles
+from tests.rig import wiring
 from tests.transport_util import Observer, make_config
 from tests.util import async_wait_until, free_port, wait_until
 
@@ -94,13 +94,13 @@ def test_mutual_tls_with_generated_certificates(tmp_path: Path, tls_broker: Brok
     obs = operator(tls_broker, pki)
 
     async def main() -> None:
-        hub = Hub(device_config(tmp_path, tls_broker.port, o / "ca.crt", o / "clients/dev-a.crt",
+        w = wiring(device_config(tmp_path, tls_broker.port, o / "ca.crt", o / "clients/dev-a.crt",
                                 o / "clients/dev-a.key"))
-        async with TransportComponent(hub):
+        async with rig.transport(w) as transport:
             await async_wait_until(lambda: obs.on("edge/dev-a/status"), 10)
-            hub.emit_event("error", "info", "over mTLS")
+            w.outbox.emit_event("error", "info", "over mTLS")
             await async_wait_until(lambda: obs.on("edge/dev-a/events"), 10)
-            await async_wait_until(lambda: hub.sections()["mqtt"]["rtt_ms"] is not None, 10)
+            await async_wait_until(lambda: transport.mqtt_section()["rtt_ms"] is not None, 10)
         assert obs.on("edge/dev-a/status")[0]["state"] == "online"
 
     try:
@@ -124,16 +124,16 @@ def test_bad_certificates_are_refused_logged_and_retried(case: str, tmp_path: Pa
         files, expect = (o / "ca.crt", f / "clients/dev-a.crt", f / "clients/dev-a.key"), "unknown ca"
 
     async def main() -> None:
-        hub = Hub(device_config(tmp_path, tls_broker.port, *files))
-        async with TransportComponent(hub) as t:
+        w = wiring(device_config(tmp_path, tls_broker.port, *files))
+        async with rig.transport(w) as t:
             session = t.session
             assert session is not None
             # the TLS alert naming the reason can lose the race with the socket close ("EOF occurred
             # in violation of protocol"); the real reason must show up within a few retries
             await async_wait_until(lambda: session.failed_connects >= 3 and any(
                 expect in r.getMessage() for r in caplog.records), 30)
-            assert session.connects == 0 and not hub.router.connected
-            hub.emit_event("error", "info", "still spooling")
+            assert session.connects == 0 and not w.router.connected
+            w.outbox.emit_event("error", "info", "still spooling")
             assert t.spool is not None and t.spool.count == 1
 
     with caplog.at_level(logging.DEBUG, logger="edgeagent.transport.session"):

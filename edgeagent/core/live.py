@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -207,3 +207,29 @@ class RouterRelay:
         await self._attached.wait()
         assert self.target is not None
         await self.target.wait_connected()
+
+
+class Sections:
+    """The named figures health.json and telemetry report ("monitor", "spool", "inference", ...).
+
+    Bound once, in `edgeagent.agent`, to the `section()` methods of the components that have one;
+    components only read it. A failing section is reported in place, never fatal.
+    """
+
+    def __init__(self, sources: Mapping[str, Section] | None = None) -> None:
+        self._sources: dict[str, Section] = dict(sources or {})
+
+    def bind(self, sources: Mapping[str, Section]) -> None:
+        self._sources = dict(sources)
+
+    def snapshot(self, names: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for name in list(self._sources) if names is None else names:
+            source = self._sources.get(name)
+            if source is None:
+                continue
+            try:
+                out[name] = source()
+            except Exception as exc:
+                out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        return out

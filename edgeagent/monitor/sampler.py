@@ -1,8 +1,8 @@
 """Board metrics: psutil and a few sysfs files sampled into a `Metrics` value (DESIGN.md names).
 
 `Sampler` is pure and synchronous (psutil-like module, sysfs root and command runner injected, so
-tests fake readings and a /sys tree); `MonitorComponent` runs it off the event loop at the
-configured interval and publishes the result on the hub. A sensor the board lacks is omitted,
+tests fake readings and a /sys tree); `MonitorComponent` (component.py) runs it off the event
+loop at the configured interval and publishes the result. A sensor the board lacks is omitted,
 never faked; a sensor that fails is omitted and logged once, and never stops the other readings.
 Probing for optional hardware (thermal zones, Jetson GPU, Pi firmware, vcgencmd, batteries) is
 cached: a hit is kept until it fails to read, a miss is retried every `REDISCOVER_S`.
@@ -10,37 +10,28 @@ cached: a hit is kept until it fails to read, a miss is retried every `REDISCOVE
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import dataclasses
 import glob
-import json
 import logging
 import math
 import os
 import shutil
 import subprocess
-import sys
 import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from edgeagent.core.config import MonitorConfig
 from edgeagent.core.logs import Once
-
-if TYPE_CHECKING:
-    from edgeagent.core.hub import Hub
 
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 REDISCOVER_S = 300.0  # a missing sensor is probed again this often (USB UPS plugged in later, ...)
 VCGENCMD_TIMEOUT_S = 3.0
-RECHECK_S = 5.0  # the component re-reads its interval at least this often
 TEMP_RANGE_C = (-40.0, 150.0)  # outside this a reading is a sensor fault, not a temperature
 
 # psutil sensor names (lower case, '-' -> '_') that measure the CPU/SoC, best first
@@ -492,100 +483,4 @@ class Sampler:
         return None
 
 
-# --------------------------------------------------------------------------- component
-
-
-class MonitorComponent:
-    """Samples at `monitor.interval_s x hub.factor("monitor")` and publishes on the hub.
-
-    The sample runs in a worker thread (`asyncio.to_thread`, about 50 us of CPU per round trip):
-    the sample itself is cheap (about 0.2-0.7 ms of CPU on x86, see `scripts/bench monitor`), but
-    /proc and /sys reads can stall under I/O pressure and vcgencmd forks a child, and the event
-    loop must never wait on either.
-    """
-
-    name = "monitor"
-
-    def __init__(self, hub: Hub, sampler: Sampler | None = None) -> None:
-        self.hub = hub
-        self._sampler = sampler
-        self.samples = 0
-        self.last_cpu_ms = 0.0
-        self._cpu_ms_total = 0.0
-
-    async def __aenter__(self) -> MonitorComponent:
-        if self._sampler is None:
-            self._sampler = Sampler(self.hub.config.monitor)
-        self.hub.providers["monitor"] = self.section
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        self.hub.providers.pop("monitor", None)
-
-    def section(self) -> dict[str, Any]:
-        """For health.json: what the monitor costs."""
-        mean = self._cpu_ms_total / self.samples if self.samples else 0.0
-        return {"samples": self.samples, "interval_s": self._interval_s(),
-                "last_sample_cpu_ms": round(self.last_cpu_ms, 3), "mean_sample_cpu_ms": round(mean, 3)}
-
-    def _interval_s(self) -> float:
-        return self.hub.config.monitor.interval_s * self.hub.factor(self.name)
-
-    def _sample(self, sampler: Sampler) -> Metrics:
-        t0 = time.thread_time()
-        metrics = sampler.sample(time.time())
-        self.last_cpu_ms = (time.thread_time() - t0) * 1000.0
-        return metrics
-
-    async def run(self) -> None:
-        sampler = self._sampler
-        if sampler is None:
-            raise RuntimeError("enter the monitor component before run()")
-        last = -math.inf
-        while True:
-            # re-read on every turn: a live config change or power_save applies at once, while a
-            # knob that does not touch the monitor (busy, ...) does not cause an extra sample
-            due = last + self._interval_s()
-            now = time.monotonic()
-            if now < due:
-                # capped: a change notified before the wait is registered is otherwise missed
-                # (Hub.sleep_or_change pulses an Event), and would wait out the old interval
-                await self.hub.sleep_or_change(min(due - now, RECHECK_S))
-                continue
-            last = now
-            sampler.configure(self.hub.config.monitor)
-            metrics = await asyncio.to_thread(self._sample, sampler)
-            self.samples += 1
-            self._cpu_ms_total += self.last_cpu_ms
-            self.hub.publish_metrics(metrics.as_dict(), metrics.ts)
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _cmd_metrics(args: argparse.Namespace) -> int:
-    from edgeagent.core import config as cfgmod
-    from edgeagent.core.errors import ConfigError
-
-    try:
-        cfg = cfgmod.load(args.config) if args.config else cfgmod.build({})
-    except ConfigError as exc:
-        print(f"{exc.source or args.config}: {'; '.join(exc.errors)}", file=sys.stderr)
-        return 2
-    sampler = Sampler(cfg.monitor)
-    sampler.sample(time.time())  # the rates need a baseline
-    for _ in range(max(1, args.count)):
-        time.sleep(cfg.monitor.interval_s)
-        print(json.dumps(sampler.sample(time.time()).as_dict(), sort_keys=True), flush=True)
-    return 0
-
-
-def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("metrics", help="print what the monitor sees on this board (JSON lines)")
-    p.add_argument("--config", "-c", type=Path, help="TOML config (default: built-in defaults)")
-    p.add_argument("--count", "-n", type=int, default=1, help="samples to print (default 1)")
-    p.set_defaults(func=_cmd_metrics)
-
-
-__all__ = ["Metrics", "MonitorComponent", "Sampler", "decode_throttled", "pick_temperature"]
+__all__ = ["Metrics", "Sampler", "decode_throttled", "pick_temperature"]

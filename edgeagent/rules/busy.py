@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 
-from edgeagent.core.hub import Hub
+from edgeagent.core.live import LiveConfig
+from edgeagent.transport.local import LocalSubscription
 
 log = logging.getLogger(__name__)
 
-SOURCE = "topic"  # the key in hub.busy
+SOURCE = "topic"  # the key in LiveConfig.busy
 _ON = ("1", "true", "busy", "on", "yes")
 _OFF = ("0", "false", "idle", "off", "no", "")
 
@@ -42,42 +42,29 @@ def parse_busy(payload: bytes, topic: str) -> str | bool | None:
 
 
 class BusyTopicWatcher:
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
-        self.subscribed = asyncio.Event()  # tests wait on it
+    def __init__(self, live: LiveConfig) -> None:
+        self.live = live
+        cfg = live.config  # host, port and topic are restart-only keys
+        self._sub = LocalSubscription(cfg.sensors.mqtt.host, cfg.sensors.mqtt.port, cfg.busy.topic, qos=1,
+                                      label="busy topic")
         self.malformed = 0
 
-    async def run(self) -> None:
-        import aiomqtt  # lazily, like the sensor source: only this feature needs a second client
+    @property
+    def subscribed(self) -> asyncio.Event:
+        """Set while subscribed: tests wait on it."""
+        return self._sub.subscribed
 
-        cfg = self.hub.config
-        host, port, topic = cfg.sensors.mqtt.host, cfg.sensors.mqtt.port, cfg.busy.topic
-        attempt = 0
-        while True:
-            try:
-                async with aiomqtt.Client(host, port) as client:
-                    await client.subscribe(topic, qos=1)
-                    attempt = 0
-                    self.subscribed.set()
-                    async for message in client.messages:
-                        raw = message.payload
-                        payload = raw if isinstance(raw, bytes) else str(raw).encode()
-                        self.apply(parse_busy(payload, topic))
-            except aiomqtt.MqttError as exc:
-                self.subscribed.clear()
-                attempt += 1
-                delay = random.uniform(0, 1.5 ** min(10, attempt))
-                level = logging.WARNING if attempt == 1 else logging.DEBUG
-                log.log(level, "busy topic %s on %s:%d: %s; retrying in %.1fs", topic, host, port, exc, delay)
-                await asyncio.sleep(delay)
+    async def run(self) -> None:
+        async for payload in self._sub.payloads():
+            self.apply(parse_busy(payload, self._sub.topic))
 
     def apply(self, state: str | bool | None) -> None:
         if state is False:
             self.malformed += 1
             log.log(logging.WARNING if self.malformed == 1 else logging.DEBUG,
-                    "ignored a malformed busy message on %s (%d so far)", self.hub.config.busy.topic,
+                    "ignored a malformed busy message on %s (%d so far)", self.live.config.busy.topic,
                     self.malformed)
             return
         assert not isinstance(state, bool)
-        if self.hub.busy.get(SOURCE) != state:
-            self.hub.set_busy(SOURCE, state)
+        if self.live.busy.get(SOURCE) != state:
+            self.live.set_busy(SOURCE, state)

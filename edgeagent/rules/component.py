@@ -1,4 +1,4 @@
-"""RulesComponent: evaluates the rules at the monitor's pace and performs their actions on the hub.
+"""RulesComponent: evaluates the rules at the monitor's pace and performs their actions.
 
 It also owns the other busy sources: `busy.file` (exists -> busy, one stat per turn) and
 `busy.topic` on the local broker (rules/busy.py).
@@ -21,10 +21,11 @@ from types import TracebackType
 from typing import Any
 
 from edgeagent.core.config import Config, RuleConfig, merge_layers
-from edgeagent.core.config_layers import layers_for
+from edgeagent.core.config_layers import ConfigLayers
 from edgeagent.core.errors import ConfigError, ExprError
-from edgeagent.core.hub import Hub
+from edgeagent.core.live import LiveConfig, Metrics, Outbox, Router, Sections
 from edgeagent.core.logs import Once
+from edgeagent.core.tasks import cancel_and_wait
 from edgeagent.rules.busy import BusyTopicWatcher
 from edgeagent.rules.engine import CompiledRule, RuleEngine, Transition
 
@@ -32,8 +33,8 @@ log = logging.getLogger(__name__)
 
 STARTUP_GRACE_S = 30.0  # values absent this soon after start (inference still loading) are not warned
 
-SLOWED = ("monitor", "telemetry", "inference")  # hub.slowdown keys power_save sets
-SECTIONS = ("inference", "mqtt")  # provider sections rules may read (cheap ones only)
+SLOWED = ("monitor", "telemetry", "inference")  # LiveConfig.slowdown keys power_save sets
+SECTIONS = ("inference", "mqtt")  # sections rules may read (cheap ones only)
 
 
 def collect_values(metrics: Mapping[str, Any], sections: Mapping[str, Mapping[str, Any]],
@@ -58,9 +59,15 @@ def _scalar(v: object) -> bool:
 class RulesComponent:
     name = "rules"
 
-    def __init__(self, hub: Hub, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, live: LiveConfig, metrics: Metrics, outbox: Outbox, router: Router, sections: Sections,
+                 layers: ConfigLayers, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], datetime] = datetime.now) -> None:
-        self.hub = hub
+        self.live = live
+        self.metrics = metrics
+        self.outbox = outbox
+        self.router = router
+        self.sections = sections
+        self.layers = layers
         self.clock = clock
         self.wall = wall
         self.engine = RuleEngine()
@@ -73,38 +80,37 @@ class RulesComponent:
 
     async def __aenter__(self) -> RulesComponent:
         self._started_at = self.clock()
-        self.reload(self.hub.config)
-        self.hub.on_metrics(lambda _m: self._wake.set())
-        self.hub.providers["rules"] = self.engine.section
+        self.reload(self.live.config)
+        self.metrics.subscribe(lambda _m: self._wake.set())
         return self
+
+    def section(self) -> dict[str, Any]:
+        return self.engine.section()
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         for rule in self.engine.active():
             self._undo(rule)
         self._set_power_save(False)
-        self.hub.providers.pop("rules", None)
 
     async def run(self) -> None:
-        if not self.hub.config.busy.topic:
+        if not self.live.config.busy.topic:
             await self._evaluate_loop()
             return
         tasks = [asyncio.create_task(self._evaluate_loop(), name="rules-evaluate"),
-                 asyncio.create_task(BusyTopicWatcher(self.hub).run(), name="rules-busy-topic")]
+                 asyncio.create_task(BusyTopicWatcher(self.live).run(), name="rules-busy-topic")]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 task.result()  # re-raise: the supervisor restarts us
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
 
     async def _evaluate_loop(self) -> None:
         while True:
             self.step()
-            cfg = self.hub.config
-            interval_s = max(0.05, cfg.monitor.interval_s * self.hub.factor("monitor"))
+            cfg = self.live.config
+            interval_s = max(0.05, cfg.monitor.interval_s * self.live.factor("monitor"))
             try:
                 # a new monitor sample wakes us; the timeout keeps `for`/clear timing going without one
                 await asyncio.wait_for(self._wake.wait(), timeout=interval_s)
@@ -115,21 +121,19 @@ class RulesComponent:
     # -- one evaluation turn (synchronous: tests drive it with a fake clock)
 
     def step(self) -> list[Transition]:
-        cfg = self.hub.config
+        cfg = self.live.config
         if cfg.rules != self._rules:
             self.reload(cfg)
         self._poll_busy_file(cfg)
         sections = {}
-        for name in SECTIONS:
-            provider = self.hub.providers.get(name)
-            if provider is not None:
-                try:
-                    sections[name] = provider()
-                except Exception as exc:
-                    self._once.warning(f"provider:{name}", "provider %s failed: %s", name, exc)
+        for name, table in self.sections.snapshot(SECTIONS).items():
+            if "error" in table and len(table) == 1:
+                self._once.warning(f"section:{name}", "section %s failed: %s", name, table["error"])
+                continue
+            sections[name] = table
         mqtt = sections.get("mqtt", {})
-        connected = bool(mqtt.get("connected", self.hub.router.connected))
-        values = collect_values(self.hub.metrics, sections, bool(self.hub.busy), connected, self.wall())
+        connected = bool(mqtt.get("connected", self.router.connected))
+        values = collect_values(self.metrics.latest, sections, bool(self.live.busy), connected, self.wall())
         result = self.engine.feed(self.clock(), values)
         # right after start the inference section is not there yet: not worth a warning
         starting = self._started_at is not None and self.clock() - self._started_at < STARTUP_GRACE_S
@@ -164,33 +168,33 @@ class RulesComponent:
         if t.change == "fired":
             alerts = [a for a in rule.actions if a.kind == "alert"]
             for a in alerts:
-                self.hub.emit_event("rule", a.severity, f"rule {rule.name}: {rule.config.when}", data)
+                self.outbox.emit_event("rule", a.severity, f"rule {rule.name}: {rule.config.when}", data)
             if not alerts:
-                self.hub.emit_event("rule", "info", f"rule {rule.name} fired: {rule.config.when}", data)
+                self.outbox.emit_event("rule", "info", f"rule {rule.name} fired: {rule.config.when}", data)
             if any(a.kind == "busy" for a in rule.actions):
-                self.hub.set_busy(f"rule:{rule.name}", f"rule {rule.name}: {rule.config.when}")
+                self.live.set_busy(f"rule:{rule.name}", f"rule {rule.name}: {rule.config.when}")
             sets = [a for a in rule.actions if a.kind == "set"]
             if sets:
                 self._set_override(rule, sets)
         else:
             if t.reason:
                 data["reason"] = t.reason
-            self.hub.emit_event("rule", "info", f"rule {rule.name} cleared", data)
+            self.outbox.emit_event("rule", "info", f"rule {rule.name} cleared", data)
             self._undo(rule)
         self._set_power_save(any(a.kind == "power_save" for r in self.engine.active() for a in r.actions))
 
     def _undo(self, rule: CompiledRule) -> None:
         if any(a.kind == "busy" for a in rule.actions):
-            self.hub.set_busy(f"rule:{rule.name}", None)
+            self.live.set_busy(f"rule:{rule.name}", None)
         if any(a.kind == "set" for a in rule.actions):
             self._set_override(rule, [])
 
     def _set_override(self, rule: CompiledRule, sets: list[Any]) -> None:
         partial = merge_layers(*(a.partial() for a in sets)) if sets else None
         try:
-            layers_for(self.hub).set_override(f"rule:{rule.name}", partial)
+            self.layers.set_override(f"rule:{rule.name}", partial)
         except ConfigError as exc:
-            self.hub.emit_event("rule", "warning", f"rule {rule.name}: cannot apply {exc.errors[0]}",
+            self.outbox.emit_event("rule", "warning", f"rule {rule.name}: cannot apply {exc.errors[0]}",
                                 {"rule": rule.name, "errors": exc.errors})
 
     def _set_power_save(self, on: bool) -> None:
@@ -198,18 +202,18 @@ class RulesComponent:
             return
         self._power_save = on
         if on:
-            ps = self.hub.config.power_save
-            self.hub.slowdown.update(monitor=ps.monitor_factor, telemetry=ps.telemetry_factor,
+            ps = self.live.config.power_save
+            self.live.slowdown.update(monitor=ps.monitor_factor, telemetry=ps.telemetry_factor,
                                      inference=ps.inference_factor)
         else:
             for key in SLOWED:
-                self.hub.slowdown.pop(key, None)
+                self.live.slowdown.pop(key, None)
         log.info("power save %s", "on" if on else "off")
-        self.hub.notify_changed()
+        self.live.notify_changed()
 
     def _poll_busy_file(self, cfg: Config) -> None:
         path = cfg.busy.file
         busy = bool(path) and os.path.exists(path)  # one stat per turn: cheap enough for the loop
         if busy != self._busy_file:
             self._busy_file = busy
-            self.hub.set_busy("file", f"{path} exists" if busy else None)
+            self.live.set_busy("file", f"{path} exists" if busy else None)

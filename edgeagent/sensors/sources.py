@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgeagent.core.errors import SensorError, SensorPayloadError
+from edgeagent.transport.local import LocalSubscription
 
 if TYPE_CHECKING:
     from edgeagent.core.config import SensorsConfig
@@ -443,42 +443,30 @@ class MqttSource:
         self._password = password
         self.received = 0
         self.malformed = 0
-        self.subscribed = asyncio.Event()  # set while subscribed: tests and callers wait on it
-        self.connects = 0  # successful (re)subscriptions
+        self._sub = LocalSubscription(host, port, topic, username=username, password=password,
+                                      label="sensor MQTT")
+
+    @property
+    def subscribed(self) -> asyncio.Event:
+        """Set while subscribed: tests and callers wait on it."""
+        return self._sub.subscribed
+
+    @property
+    def connects(self) -> int:
+        return self._sub.connects
 
     async def stream(self) -> AsyncIterator[tuple[float, Samples]]:
-        import aiomqtt  # only this source needs it; the training venv has no MQTT client
-
-        attempt = 0
-        while True:
+        async for payload in self._sub.payloads():
             try:
-                async with aiomqtt.Client(self.host, self.port, username=self._username,
-                                          password=self._password) as client:
-                    await client.subscribe(self.topic)
-                    attempt = 0
-                    self.connects += 1
-                    self.subscribed.set()
-                    async for message in client.messages:
-                        raw = message.payload
-                        payload = raw if isinstance(raw, (bytes, str)) else (
-                            bytes(raw) if isinstance(raw, bytearray) else json.dumps(raw))
-                        try:
-                            ts, samples = parse_payload(payload, self.channels, time.time())
-                        except SensorPayloadError as exc:
-                            self.malformed += 1
-                            level = logging.WARNING if self.malformed == 1 else logging.DEBUG
-                            log.log(level, "dropped malformed message on %s (%d so far): %s",
-                                    self.topic, self.malformed, exc.reason)
-                            continue
-                        self.received += 1
-                        yield ts, samples
-            except aiomqtt.MqttError as exc:
-                self.subscribed.clear()
-                attempt += 1
-                delay = random.uniform(0, 1.5 ** min(10, attempt))
-                level = logging.WARNING if attempt == 1 else logging.DEBUG
-                log.log(level, "sensor MQTT %s:%d: %s; retrying in %.1fs", self.host, self.port, exc, delay)
-                await asyncio.sleep(delay)
+                ts, samples = parse_payload(payload, self.channels, time.time())
+            except SensorPayloadError as exc:
+                self.malformed += 1
+                level = logging.WARNING if self.malformed == 1 else logging.DEBUG
+                log.log(level, "dropped malformed message on %s (%d so far): %s",
+                        self.topic, self.malformed, exc.reason)
+                continue
+            self.received += 1
+            yield ts, samples
 
 
 # --------------------------------------------------------------------------- config

@@ -1,7 +1,8 @@
-"""TransportComponent: opens the spool, becomes the hub's outbox and router, runs the MQTT session.
+"""TransportComponent: opens the spool, attaches it as the agent's outbox and the session's router
+as its router, runs the MQTT session.
 
 Entered right after the monitor, so every later component finds the spool-backed outbox and the
-session's router on the hub. The session lives from enter to exit (not in `run`), because at stop
+session's router attached. The session lives from enter to exit (not in `run`), because at stop
 the agent cancels every `run` first and the telemetry component flushes its last sample only in
 its own exit: our exit then publishes what is pending for a moment, says "offline"/"shutdown" and
 disconnects cleanly. With `mqtt.host` empty the agent is offline: the spool still records
@@ -15,7 +16,7 @@ import logging
 from types import TracebackType
 from typing import Any
 
-from edgeagent.core.hub import Hub, OfflineRouter
+from edgeagent.core.live import LiveConfig, OutboxRelay, RouterRelay, Sections
 from edgeagent.core.protocol import status_online
 from edgeagent.transport.outbox import SpoolOutbox
 from edgeagent.transport.router import SessionRouter
@@ -47,55 +48,65 @@ def status_payload(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
 class TransportComponent:
     name = "transport"
 
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
+    def __init__(self, live: LiveConfig, outbox: OutboxRelay, router: RouterRelay,
+                 sections: Sections) -> None:
+        self.live = live
+        self._relay = outbox
+        self._router = router
+        self._sections = sections
         self.spool: Spool | None = None
         self.outbox: SpoolOutbox | None = None
         self.session: Session | None = None
 
+    @property
+    def sample_sink(self) -> SpoolOutbox | None:
+        """Where telemetry samples go (None until entered)."""
+        return self.outbox
+
+    def spool_section(self) -> dict[str, Any]:
+        if self.spool is None or self.outbox is None:
+            return {}
+        return {**self.spool.stats(), "deferred": self.outbox.deferred, "lost": self.outbox.lost}
+
+    def mqtt_section(self) -> dict[str, Any]:
+        if self.session is None:
+            return {"connected": False, "since": None, "rtt_ms": None, "reconnects": 0, "offline": True}
+        return self.session.provider()
+
     async def __aenter__(self) -> TransportComponent:
-        hub = self.hub
-        cfg = hub.config
+        live = self.live
+        cfg = live.config
         spool = Spool(cfg.state_dir / SPOOL_FILE, int(cfg.spool.max_mb * MB), cfg.device.id)
         recovered = await asyncio.to_thread(spool.open)
         self.spool = spool
-        self.outbox = outbox = SpoolOutbox(spool, hub.topics)
-        hub.set_outbox(outbox)
+        self.outbox = outbox = SpoolOutbox(spool, live.topics)
+        self._relay.attach(outbox)
         if recovered is not None:
             outbox.report_recovered(recovered)
-        hub.providers["spool"] = lambda: {**spool.stats(), "deferred": outbox.deferred, "lost": outbox.lost}
         if not cfg.mqtt.host:
             log.info("no broker configured (mqtt.host is empty): offline, spooling only")
-            hub.providers["mqtt"] = lambda: {"connected": False, "since": None, "rtt_ms": None,
-                                             "reconnects": 0, "offline": True}
             return self
         router = SessionRouter()
-        previous = hub.router
-        if isinstance(previous, OfflineRouter):  # subscriptions made before us are kept
-            for topic_filter, handler in previous.subscriptions:
-                router.subscribe(topic_filter, handler)
-        hub.router = router
-        self.session = Session(lambda: self.hub.config, hub.topics, spool, outbox, router,
-                               lambda: status_payload(self.hub.sections()))
-        hub.providers["mqtt"] = self.session.provider
+        self._router.attach(router)  # subscriptions made before us are kept
+        self.session = Session(lambda: self.live.config, live.topics, spool, outbox, router,
+                               lambda: status_payload(self._sections.snapshot(("inference", "firmware"))))
         self.session.start()
         return self
-
     async def run(self) -> None:
         """Housekeeping: apply a live spool.max_mb change, retry writes that failed (disk full),
         report drops of a full spool."""
         while True:
             if self.spool is not None:
-                self.spool.max_bytes = max(1, int(self.hub.config.spool.max_mb * MB))
+                self.spool.max_bytes = max(1, int(self.live.config.spool.max_mb * MB))
             if self.outbox is not None:
                 self.outbox.retry_deferred()
                 self.outbox.report_drops()
             busy = self.outbox is not None and self.outbox.deferred > 0
-            await self.hub.sleep_or_change(DEFERRED_RETRY_S if busy else HOUSEKEEPING_S)
+            await self.live.sleep_or_change(DEFERRED_RETRY_S if busy else HOUSEKEEPING_S)
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        budget_s = self.hub.config.agent.shutdown_timeout_s
+        budget_s = self.live.config.agent.shutdown_timeout_s
         try:
             if self.session is not None:
                 await self.session.shutdown(flush_s=min(3.0, budget_s * 0.3),

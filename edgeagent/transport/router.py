@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from paho.mqtt.client import topic_matches_sub
 
-from edgeagent.core.hub import Handler
+from edgeagent.core.live import Handler
 from edgeagent.core.logs import Once
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class Subscription:
 
 
 class SessionRouter:
-    """The hub's `Router` while a broker is configured; the session subscribes what it holds."""
+    """The agent's `Router` while a broker is configured; the session subscribes what it holds."""
 
     def __init__(self) -> None:
         self.subscriptions: list[Subscription] = []

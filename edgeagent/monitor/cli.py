@@ -1,0 +1,35 @@
+"""`edgeagent metrics`: what the monitor sees on this board, as JSON lines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from edgeagent.monitor.sampler import Sampler
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    from edgeagent.core import config as cfgmod
+    from edgeagent.core.errors import ConfigError
+
+    try:
+        cfg = cfgmod.load(args.config) if args.config else cfgmod.build({})
+    except ConfigError as exc:
+        print(f"{exc.source or args.config}: {'; '.join(exc.errors)}", file=sys.stderr)
+        return 2
+    sampler = Sampler(cfg.monitor)
+    sampler.sample(time.time())  # the rates need a baseline
+    for _ in range(max(1, args.count)):
+        time.sleep(cfg.monitor.interval_s)
+        print(json.dumps(sampler.sample(time.time()).as_dict(), sort_keys=True), flush=True)
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("metrics", help="print what the monitor sees on this board (JSON lines)")
+    p.add_argument("--config", "-c", type=Path, help="TOML config (default: built-in defaults)")
+    p.add_argument("--count", "-n", type=int, default=1, help="samples to print (default 1)")
+    p.set_defaults(func=_cmd_metrics)
