@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from edgeagent import __version__
 from edgeagent.core.config import Config
+from edgeagent.core.config_layers import ConfigLayers, EffectiveConfig
 from edgeagent.core.hub import Hub
 from edgeagent.core.sdnotify import Notifier
 from edgeagent.health import HealthWriter
@@ -84,9 +85,11 @@ def default_components(hub: Hub) -> list[Component]:
 
 class Agent:
     def __init__(self, config: Config, components: ComponentFactory = default_components,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, *, effective: EffectiveConfig | None = None) -> None:
         self.config = config
         self.hub = Hub(config)
+        if effective is not None:  # what `edgeagent run` loaded: remote config keeps its layers apart
+            self.hub.layers = ConfigLayers.starting_from(self.hub, effective)
         self._factory = components
         self.notifier = notifier or Notifier()
         self.stop_event = asyncio.Event()
@@ -228,8 +231,8 @@ class Agent:
 
 
 async def run_agent(config: Config, components: ComponentFactory = default_components,
-                    install_signals: bool = True) -> int:
-    agent = Agent(config, components)
+                    install_signals: bool = True, *, effective: EffectiveConfig | None = None) -> int:
+    agent = Agent(config, components, effective=effective)
     if install_signals:
         agent.install_signal_handlers()
     return await agent.run()

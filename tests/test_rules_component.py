@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent.core import config as cfgmod
-from edgeagent.core.config_layers import layers_for
 from edgeagent.core.hub import Hub, MemoryOutbox
 from edgeagent.monitor.context import build_context, failing_gates
 from edgeagent.rules import RulesComponent
@@ -127,7 +126,7 @@ def test_set_action_is_a_runtime_layer_undone_on_clear(tmp_path: Path) -> None:
             assert hub.config.telemetry.interval_s == 0.5
             assert hub.config.logging.level == "DEBUG"
             # a remote layer arriving meanwhile keeps the rule's override on top
-            layers_for(hub).set_remote({"telemetry": {"batch_max": 7, "interval_s": 9}})
+            hub.layers.set_remote({"telemetry": {"batch_max": 7, "interval_s": 9}})
             assert (hub.config.telemetry.interval_s, hub.config.telemetry.batch_max) == (0.5, 7)
             rate = 0.0
             feed(hub, comp, clock, 1)
@@ -187,7 +186,7 @@ def test_live_config_change_reloads_rules_and_clears_removed_active_ones(tmp_pat
         async with comp:
             feed(hub, comp, clock, 0, battery_percent=5.0)
             assert "rule:lb" in hub.busy
-            layers_for(hub).set_remote({"rules": [{"name": "hot", "when": "temp_c > 75", "then": ["busy"]}]})
+            hub.layers.set_remote({"rules": [{"name": "hot", "when": "temp_c > 75", "then": ["busy"]}]})
             feed(hub, comp, clock, 1, battery_percent=5.0)
             assert hub.busy == {}
             assert list(comp.engine.section()) == ["hot"]

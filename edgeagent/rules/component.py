@@ -21,7 +21,6 @@ from types import TracebackType
 from typing import Any
 
 from edgeagent.core.config import Config, RuleConfig, merge_layers
-from edgeagent.core.config_layers import layers_for
 from edgeagent.core.errors import ConfigError, ExprError
 from edgeagent.core.hub import Hub
 from edgeagent.core.logs import Once
@@ -188,7 +187,7 @@ class RulesComponent:
     def _set_override(self, rule: CompiledRule, sets: list[Any]) -> None:
         partial = merge_layers(*(a.partial() for a in sets)) if sets else None
         try:
-            layers_for(self.hub).set_override(f"rule:{rule.name}", partial)
+            self.hub.layers.set_override(f"rule:{rule.name}", partial)
         except ConfigError as exc:
             self.hub.emit_event("rule", "warning", f"rule {rule.name}: cannot apply {exc.errors[0]}",
                                 {"rule": rule.name, "errors": exc.errors})
