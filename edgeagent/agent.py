@@ -30,7 +30,7 @@ from edgeagent import __version__
 from edgeagent.core import config as cfgmod
 from edgeagent.core.backoff import backoff_s
 from edgeagent.core.config import Config
-from edgeagent.core.config_layers import ConfigLayers
+from edgeagent.core.config_layers import ConfigLayers, EffectiveConfig
 from edgeagent.core.live import LiveConfig, Metrics, OutboxRelay, RouterRelay, Sections
 from edgeagent.core.sdnotify import Notifier
 from edgeagent.core.tasks import cancel_and_wait
@@ -123,16 +123,15 @@ def default_components(w: Wiring) -> list[Component]:
 
 class Agent:
     def __init__(self, config: Config, components: ComponentFactory = default_components,
-                 notifier: Notifier | None = None,
-                 layers: tuple[dict[str, Any], dict[str, Any]] | None = None) -> None:
-        """`layers`: the file and remote layers the config was built from (`load_effective`); by
-        default the config itself is taken as the file layer."""
+                 notifier: Notifier | None = None, *, effective: EffectiveConfig | None = None) -> None:
+        """`effective`: what `edgeagent run` loaded (`load_effective`), so that remote config keeps
+        the file and remote layers apart; by default the config itself is the file layer."""
         self.config = config
         live = LiveConfig(config)
-        file, remote = layers if layers is not None else (cfgmod.to_dict(config), {})
+        layers = (ConfigLayers.starting_from(live, effective) if effective is not None
+                  else ConfigLayers(live, cfgmod.to_dict(config), {}))
         self.wiring = Wiring(live=live, metrics=Metrics(), outbox=OutboxRelay(), router=RouterRelay(),
-                             sections=Sections(), layers=ConfigLayers(live, file, remote),
-                             request_restart=self.request_restart)
+                             sections=Sections(), layers=layers, request_restart=self.request_restart)
         self._factory = components
         self.notifier = notifier or Notifier()
         self.stop_event = asyncio.Event()
@@ -287,9 +286,8 @@ class Agent:
 
 
 async def run_agent(config: Config, components: ComponentFactory = default_components,
-                    install_signals: bool = True,
-                    layers: tuple[dict[str, Any], dict[str, Any]] | None = None) -> int:
-    agent = Agent(config, components, layers=layers)
+                    install_signals: bool = True, *, effective: EffectiveConfig | None = None) -> int:
+    agent = Agent(config, components, effective=effective)
     if install_signals:
         agent.install_signal_handlers()
     return await agent.run()

@@ -15,9 +15,13 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgeagent import __version__
 from edgeagent.core.errors import ConfigError
+
+if TYPE_CHECKING:  # the runtime is imported lazily, per command
+    from edgeagent.core.config_layers import EffectiveConfig
 
 # runtime modules with `add_parsers(sub: argparse._SubParsersAction) -> None`
 PLUGINS: tuple[str, ...] = ("edgeagent.monitor.cli", "edgeagent.config_cli", "edgeagent.transport.cli",
@@ -41,28 +45,27 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_run_config(path: Path) -> object:
+def load_run_config(path: Path) -> EffectiveConfig:
     """The effective config for `run`: the file plus the applied remote layer, if any."""
-    from edgeagent.remote_config import load_effective
+    from edgeagent.core.config_layers import load_effective
 
-    return load_effective(path, starting=True)[0]
+    return load_effective(path, starting=True)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from edgeagent.agent import run_agent
     from edgeagent.core import logs
-    from edgeagent.core.config import Config
 
     try:
-        cfg = load_run_config(args.config)
+        effective = load_run_config(args.config)
     except ConfigError as exc:
         print(f"{exc.source or args.config}: {len(exc.errors)} error(s)", file=sys.stderr)
         for e in exc.errors:
             print(f"  {e}", file=sys.stderr)
         return 2
-    assert isinstance(cfg, Config)
+    cfg = effective.config
     logs.setup(args.log_level or cfg.logging.level, cfg.logging.format)
-    return asyncio.run(run_agent(cfg))
+    return asyncio.run(run_agent(cfg, effective=effective))
 
 
 CORE_COMMANDS = ("run", "check-config")

@@ -16,6 +16,7 @@ from typing import Any
 from edgeagent.core import config as cfgmod
 from edgeagent.core.config_layers import (
     RESTART_KEYS,
+    EffectiveConfig,
     applied_path,
     changed_paths,
     dumps_toml,
@@ -55,7 +56,7 @@ def _redact(value: Any) -> Any:
     return value
 
 
-def _load(path: Path) -> tuple[cfgmod.Config, dict[str, dict[str, Any]]] | None:
+def _load(path: Path) -> EffectiveConfig | None:
     try:
         return load_effective(path)
     except ConfigError as exc:

@@ -39,7 +39,6 @@ from edgeagent.core.config_layers import (
     AppliedState,
     ConfigLayers,
     check_remote_layer,
-    layers_for,
     load_effective,
     read_applied,
     restart_paths,
@@ -135,7 +134,7 @@ class RemoteConfigComponent:
         cfg = self.hub.config
         applied = await asyncio.to_thread(read_applied, cfg.state_dir)
         self.state = applied or AppliedState()
-        self._layers = layers_for(self.hub)
+        self._layers = self.hub.layers
         if self.state.report:
             # re-assert what this device runs (also delivers a rollback report made before a restart)
             self.hub.outbox.put_state(self.hub.topics.config_reported, self.state.report)

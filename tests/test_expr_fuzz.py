@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from edgeagent.core import config as cfgmod
 from edgeagent.core.config_layers import AppliedState, check_remote_layer, dumps_toml
 from edgeagent.core.errors import ConfigError, ExprError, ExprEvalError
-from edgeagent.rules.expr import MAX_DEPTH, Expr, parse
+from edgeagent.core.expr import MAX_DEPTH, Expr, parse
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeagent.core import config as cfgmod
 from edgeagent.core import protocol
-from edgeagent.core.config_layers import APPLIED_FILE, load_effective, read_applied
+from edgeagent.core.config_layers import APPLIED_FILE, ConfigLayers, load_effective, read_applied
 from edgeagent.core.errors import RemoteConfigRejected
 from edgeagent.core.hub import Handler, Hub, MemoryOutbox
 from edgeagent.core.signing import generate_keypair, load_private_key, load_trusted_keys, sign
@@ -75,8 +75,10 @@ ops = "{keys / 'ops.pem'}"
         self.start()
 
     def start(self) -> None:
-        cfg, self.layers = load_effective(self.path, starting=True)
+        effective = load_effective(self.path, starting=True)
+        cfg, self.layers = effective
         self.hub = Hub(cfg)
+        self.hub.layers = ConfigLayers.starting_from(self.hub, effective)  # as the agent does
         self.router = LinkRouter()
         self.hub.router = self.router
         self.comp = RemoteConfigComponent(self.hub, clock=self.clock, restart=self.restarts.append)

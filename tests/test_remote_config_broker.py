@@ -71,13 +71,13 @@ class Running:
     """`edgeagent run` in-process: the real Agent with the components under test."""
 
     def __init__(self, path: Path, restarts: list[str]) -> None:
-        cfg, _ = load_effective(path, starting=True)  # as `edgeagent run` does
+        effective = load_effective(path, starting=True)  # as `edgeagent run` does
 
         def components(hub: Hub) -> list[Component]:
             return [TransportComponent(hub), TelemetryComponent(hub),
                     RemoteConfigComponent(hub, restart=restarts.append)]
 
-        self.agent = Agent(cfg, components)
+        self.agent = Agent(effective.config, components, effective=effective)
         self.task: asyncio.Task[int] | None = None
 
     async def __aenter__(self) -> Running:

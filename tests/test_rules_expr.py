@@ -9,7 +9,7 @@ import pytest
 
 from edgeagent.core import config as cfgmod
 from edgeagent.core.errors import ConfigError, ExprError, ExprEvalError
-from edgeagent.rules.expr import MAX_DEPTH, parse
+from edgeagent.core.expr import MAX_DEPTH, parse
 
 
 class Env:

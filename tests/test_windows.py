@@ -6,7 +6,7 @@ from datetime import datetime
 
 import pytest
 
-from edgeagent.sensors.windows import in_any, next_open, parse_window
+from edgeagent.core.windows import in_any, next_open, parse_window
 
 MON = datetime(2026, 11, 23)  # a Monday
 

@@ -1,9 +1,10 @@
 """Config layers (defaults < file < applied remote < runtime overrides) and a small TOML writer.
 
 `load_effective` is how `edgeagent run` starts: the local file plus the applied remote layer
-(`<state_dir>/config.applied.toml`, written atomically by the remote config component). At run time
-one `ConfigLayers` per hub rebuilds the effective config whenever a layer changes, validated by the
-same `config.build` as `check-config`, and swaps it in live; keys that only take effect at start
+(`<state_dir>/config.applied.toml`, written atomically by the remote config component); what it
+read is handed on explicitly (an `EffectiveConfig`), never remembered here. At run time one
+`ConfigLayers` per live config rebuilds the effective config whenever a layer changes, validated by
+the same `config.build` as `check-config`, and swaps it in live; keys that only take effect at start
 (RESTART_KEYS) keep the values the process started with until the next start.
 """
 
@@ -13,19 +14,17 @@ import dataclasses
 import logging
 import math
 import re
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple, Protocol
 
 from edgeagent.core import config as cfgmod
 from edgeagent.core import protocol
 from edgeagent.core.config import Config
 from edgeagent.core.errors import ConfigError
-
-if TYPE_CHECKING:
-    from edgeagent.core.hub import Hub
+from edgeagent.core.fsutil import atomic_write_text
+from edgeagent.core.logs import set_level
 
 log = logging.getLogger(__name__)
 
@@ -157,36 +156,50 @@ def _check_value(v: object, path: str, depth: int, errors: list[str]) -> None:
         return
     if depth > MAX_LAYER_DEPTH:
         errors.append(f"{path}: nested deeper than {MAX_LAYER_DEPTH} levels")
-        return
-    if v is None:
-        errors.append(f"{path}: null is not a config value")
-    elif isinstance(v, bool):
-        return
-    elif isinstance(v, int):
-        if not _INT64[0] <= v <= _INT64[1]:
-            errors.append(f"{path}: integer does not fit in 64 bits")
-    elif isinstance(v, float):
-        if not math.isfinite(v):
-            errors.append(f"{path}: expected a finite number, got {v!r}")
-    elif isinstance(v, str):
-        if "${" in v:
-            errors.append(f"{path}: ${{VAR}} substitution is for the local file only")
-        if any(0xD800 <= ord(c) <= 0xDFFF for c in v):
-            errors.append(f"{path}: string contains a lone surrogate")
     elif isinstance(v, Mapping):
-        for k, x in v.items():
-            if not isinstance(k, str):
-                errors.append(f"{path}: keys must be strings")
-                continue
-            if any(0xD800 <= ord(c) <= 0xDFFF for c in k):
-                errors.append(f"{path}: key contains a lone surrogate")
-                continue
-            _check_value(x, f"{path}.{k}", depth + 1, errors)
+        _check_table(v, path, depth, errors)
     elif isinstance(v, list):
         for i, x in enumerate(v):
             _check_value(x, f"{path}[{i}]", depth + 1, errors)
     else:
-        errors.append(f"{path}: {type(v).__name__} is not a config value")
+        errors.extend(f"{path}: {problem}" for problem in _scalar_problems(v))
+
+
+def _check_table(v: Mapping[Any, Any], path: str, depth: int, errors: list[str]) -> None:
+    for k, x in v.items():
+        if not isinstance(k, str):
+            errors.append(f"{path}: keys must be strings")
+        elif _has_surrogate(k):
+            errors.append(f"{path}: key contains a lone surrogate")
+        else:
+            _check_value(x, f"{path}.{k}", depth + 1, errors)
+
+
+def _scalar_problems(v: object) -> list[str]:
+    if v is None:
+        return ["null is not a config value"]
+    if isinstance(v, bool):
+        return []
+    if isinstance(v, int):
+        return [] if _INT64[0] <= v <= _INT64[1] else ["integer does not fit in 64 bits"]
+    if isinstance(v, float):
+        return [] if math.isfinite(v) else [f"expected a finite number, got {v!r}"]
+    if isinstance(v, str):
+        return _string_problems(v)
+    return [f"{type(v).__name__} is not a config value"]
+
+
+def _string_problems(v: str) -> list[str]:
+    problems = []
+    if "${" in v:
+        problems.append("${VAR} substitution is for the local file only")
+    if _has_surrogate(v):
+        problems.append("string contains a lone surrogate")
+    return problems
+
+
+def _has_surrogate(text: str) -> bool:
+    return any(0xD800 <= ord(c) <= 0xDFFF for c in text)
 
 
 def changed_paths(a: Config, b: Config) -> list[str]:
@@ -307,25 +320,36 @@ def read_applied(state_dir: Path) -> AppliedState | None:
 
 
 def write_applied(state_dir: Path, state: AppliedState) -> None:
-    from edgeagent.core.fsutil import atomic_write_text
-
     atomic_write_text(applied_path(state_dir), state.to_toml())
 
 
-# remember what `load_effective` read, per state dir, so the hub's layers start from the real file
-_LOADED: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+class EffectiveConfig(NamedTuple):
+    """What `load_effective` read: the config and its layers {"defaults", "file", "remote"}.
+    A tuple, so `cfg, layers = load_effective(path)` reads as before; `edgeagent run` hands it on
+    so that the run-time `ConfigLayers` start from the real file and remote layers."""
+
+    config: Config
+    layers: dict[str, dict[str, Any]]
+
+    @property
+    def file(self) -> dict[str, Any]:
+        return self.layers["file"]
+
+    @property
+    def remote(self) -> dict[str, Any]:
+        return self.layers["remote"]
 
 
 MAX_UNCONFIRMED_STARTS = 3  # then a layer that never got confirmed is given up at start
 
 
-def load_effective(path: Path, *, starting: bool = False) -> tuple[Config, dict[str, dict[str, Any]]]:
+def load_effective(path: Path, *, starting: bool = False) -> EffectiveConfig:
     """The config `edgeagent run` starts with: the file plus the applied remote layer. A layer that
     no longer validates (a newer agent, a changed file), or that the agent started with
     MAX_UNCONFIRMED_STARTS times without confirming it (it cannot even come up with it), is given
     up for the last good one, so a stale or bad layer cannot keep a board down. `starting` (only
     `edgeagent run`) counts the start and persists such a rollback; show/diff only read.
-    Returns the config and its layers {"defaults", "file", "remote"}."""
+    """
     file_raw = cfgmod.read_toml(Path(path))
     base = cfgmod.build(file_raw, str(path))  # a broken local file is the operator's error: raise
     cfg, remote = base, {}
@@ -352,8 +376,7 @@ def load_effective(path: Path, *, starting: bool = False) -> tuple[Config, dict[
                 state.good_version, state.good_sha256, state.good_config = 0, "", {}
             if starting:
                 _write_quietly(base.state_dir, state.rolled_back(problem))
-    _LOADED[str(cfg.state_dir)] = (file_raw, remote)
-    return cfg, {"defaults": cfgmod.to_dict(Config()), "file": file_raw, "remote": remote}
+    return EffectiveConfig(cfg, {"defaults": cfgmod.to_dict(Config()), "file": file_raw, "remote": remote})
 
 
 def _write_quietly(state_dir: Path, state: AppliedState) -> None:
@@ -366,15 +389,29 @@ def _write_quietly(state_dir: Path, state: AppliedState) -> None:
 # --------------------------------------------------------------------------- run time
 
 
-class ConfigLayers:
-    """The hub's layers; the one place a new effective config is built and swapped in."""
+class Live(Protocol):
+    """Where the effective config lives while the agent runs (core.live.LiveConfig)."""
 
-    def __init__(self, hub: Hub, file: dict[str, Any], remote: dict[str, Any]) -> None:
-        self.hub = hub
+    @property
+    def config(self) -> Config: ...
+
+    def replace(self, config: Config) -> None: ...
+
+
+class ConfigLayers:
+    """A live config's layers; the one place a new effective config is built and swapped in.
+    `file` and `remote` come from `load_effective` (EffectiveConfig.file/.remote)."""
+
+    def __init__(self, live: Live, file: dict[str, Any], remote: dict[str, Any] | None = None) -> None:
+        self.live = live
         self.file = file
-        self.remote = remote
-        self.boot = hub.config  # what the process started with (restart-only keys stay at this)
+        self.remote = dict(remote or {})
+        self.boot = live.config  # what the process started with (restart-only keys stay at this)
         self.overrides: dict[str, dict[str, Any]] = {}  # source -> partial (rules' `set:` actions)
+
+    @classmethod
+    def starting_from(cls, live: Live, effective: EffectiveConfig) -> ConfigLayers:
+        return cls(live, effective.file, effective.remote)
 
     def build(self, remote: dict[str, Any] | None = None) -> Config:
         """Validate file + remote + overrides (ConfigError lists every problem, nothing changes)."""
@@ -385,16 +422,14 @@ class ConfigLayers:
         """Swap `new` in live; returns the restart-only keys that differ from the running process.
         `keep_restart_keys=False` (a rollback, which restarts) hands them over too, so that what
         reads them live (the MQTT session on its next connect) gets the good values at once."""
-        old = self.hub.config
+        old = self.live.config
         pending = restart_paths(self.boot, new)
         live = graft(new, self.boot) if keep_restart_keys else new
         if not keep_restart_keys:
             self.boot = new
         if live != old:
-            self.hub.replace_config(live)
+            self.live.replace(live)
         if live.logging.level.upper() != old.logging.level.upper():
-            from edgeagent.core.logs import set_level
-
             set_level(live.logging.level)
         return pending
 
@@ -417,22 +452,3 @@ class ConfigLayers:
             self.overrides = saved
             raise
         self.apply(new)
-
-
-_LAYERS: weakref.WeakKeyDictionary[Hub, ConfigLayers] = weakref.WeakKeyDictionary()
-
-
-def attach_layers(hub: Hub, file: dict[str, Any], remote: dict[str, Any] | None = None) -> ConfigLayers:
-    layers = ConfigLayers(hub, file, dict(remote or {}))
-    _LAYERS[hub] = layers
-    return layers
-
-
-def layers_for(hub: Hub) -> ConfigLayers:
-    """The hub's layers: those `load_effective` read for its state dir, or (a hub built directly,
-    as in tests) the hub's start config taken as the file layer."""
-    layers = _LAYERS.get(hub)
-    if layers is None:
-        file, remote = _LOADED.get(str(hub.config.state_dir), (cfgmod.to_dict(hub.config), {}))
-        layers = attach_layers(hub, file, remote)
-    return layers

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from edgeagent.core.config import Config
+from edgeagent.core.config import Config, to_dict
+from edgeagent.core.config_layers import ConfigLayers
 from edgeagent.core.protocol import Topics
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,9 @@ class Hub:
         # stops cleanly and exits with RESTART_EXIT_CODE, which systemd's Restart=on-failure restarts
         self.request_restart: Callable[[str], None] | None = None
         self._metric_listeners: list[Callable[[dict[str, Any]], None]] = []
+        # file < remote < runtime overrides: the agent starts them from what load_effective read;
+        # a hub built directly (tests) takes its start config as the file layer
+        self.layers = ConfigLayers(self, to_dict(config))
 
     # -- metrics
     def publish_metrics(self, metrics: dict[str, Any], ts: float | None = None) -> None:
@@ -193,6 +197,10 @@ class Hub:
     def replace_config(self, config: Config) -> None:
         self.config = config
         self.notify_changed()
+
+    def replace(self, config: Config) -> None:
+        """LiveConfig's name for replace_config, so that ConfigLayers can drive either."""
+        self.replace_config(config)
 
     def factor(self, component: str) -> float:
         return self.slowdown.get(component, 1.0)

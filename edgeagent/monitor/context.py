@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from edgeagent.core.config import GateConfig
-from edgeagent.sensors.windows import next_open, parse_window
+from edgeagent.core.windows import next_open, parse_window
 
 MB = 1024 * 1024
 

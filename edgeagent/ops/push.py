@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent.core import protocol, signing
-from edgeagent.core.config import parse_duration_s
 from edgeagent.core.errors import ConfigError, EdgeAgentError
+from edgeagent.core.units import parse_duration_s
 
 DEFAULT_CHUNK = 64 * 1024
 MAX_INFLIGHT = 64

@@ -10,81 +10,35 @@ is reported once per rule and cause, so a board without a battery does not crash
 from __future__ import annotations
 
 import math
-import re
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from edgeagent.core.config import RuleConfig
-from edgeagent.core.errors import ConfigError, ExprError, ExprEvalError
-from edgeagent.rules.expr import Expr, Value, parse
+from edgeagent.core.actions import SET_KEYS, SEVERITIES, Action
+from edgeagent.core.config import RuleConfig, check_action, parse_action
+from edgeagent.core.errors import ExprEvalError
+from edgeagent.core.expr import Expr, Value, check_expression, parse
+
+# re-exported: the rules' vocabulary lives in core so that config validation can check it
+__all__ = [
+    "HISTORY_MAX_SAMPLES",
+    "SET_KEYS",
+    "SEVERITIES",
+    "Action",
+    "CompiledRule",
+    "FeedResult",
+    "Problem",
+    "RuleEngine",
+    "RuleState",
+    "Transition",
+    "check_action",
+    "check_expression",
+    "compile_rule",
+    "parse_action",
+]
 
 HISTORY_MAX_SAMPLES = 4096  # per name; the oldest sample is dropped first
-SEVERITIES = ("info", "warning", "critical")
-# runtime knobs a rule may set (`set:telemetry.interval_s=60`); anything else needs a remote config
-SET_KEYS = ("telemetry.interval_s", "telemetry.batch_max", "monitor.interval_s", "inference.threshold",
-            "inference.clear_threshold", "logging.level")
-_SET_RE = re.compile(r"^set:([a-z_.]+)=(.*)$", re.DOTALL)
-
-
-@dataclass(frozen=True, slots=True)
-class Action:
-    kind: Literal["alert", "power_save", "busy", "set"]
-    text: str
-    severity: str = ""  # alert
-    key: str = ""  # set: "section.field"
-    value: Any = None  # set: the parsed value
-
-    def partial(self) -> dict[str, Any]:
-        """A `set:` action as a partial config table: {"telemetry": {"interval_s": 60.0}}."""
-        section, _, name = self.key.partition(".")
-        return {section: {name: self.value}}
-
-
-def _scalar(text: str) -> Any:
-    t = text.strip()
-    if t in ("true", "false"):
-        return t == "true"
-    for conv in (int, float):
-        try:
-            value = conv(t)
-        except ValueError:
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            break
-        return value
-    if len(t) >= 2 and t[0] == t[-1] and t[0] in "\"'":
-        return t[1:-1]
-    return t
-
-
-def parse_action(text: str) -> Action:
-    """`alert:<severity>`, `power_save`, `busy` or `set:<key>=<value>`; ValueError says what is wrong."""
-    if text == "power_save":
-        return Action("power_save", text)
-    if text == "busy":
-        return Action("busy", text)
-    if text.startswith("alert:"):
-        severity = text[len("alert:"):]
-        if severity not in SEVERITIES:
-            raise ValueError(f"alert severity must be one of {', '.join(SEVERITIES)}, got {severity!r}")
-        return Action("alert", text, severity=severity)
-    m = _SET_RE.match(text)
-    if m:
-        key, value = m.group(1), _scalar(m.group(2))
-        if key not in SET_KEYS:
-            raise ValueError(f"set: {key!r} is not a runtime knob; allowed: {', '.join(SET_KEYS)}")
-        action = Action("set", text, key=key, value=value)
-        from edgeagent.core import config as cfgmod  # late: config.py checks actions through us
-
-        try:
-            cfgmod.build(action.partial(), env={})
-        except ConfigError as exc:
-            raise ValueError(f"set: {'; '.join(exc.errors)}") from None
-        return action
-    raise ValueError(f"unknown action {text!r}; expected alert:<info|warning|critical>, power_save, busy "
-                     f"or set:<key>=<value>")
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,20 +206,3 @@ class RuleEngine:
 
 def _snapshot(expr: Expr, values: Mapping[str, Any]) -> dict[str, Any]:
     return {n: values[n] for n in sorted(expr.names) if n in values}
-
-
-def check_expression(text: str) -> str | None:
-    """For config validation: None, or the error with its column."""
-    try:
-        parse(text)
-    except ExprError as exc:
-        return str(exc)
-    return None
-
-
-def check_action(text: str) -> str | None:
-    try:
-        parse_action(text)
-    except ValueError as exc:
-        return str(exc)
-    return None

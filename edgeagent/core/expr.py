@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from edgeagent.core.config import parse_duration_s
 from edgeagent.core.errors import ExprError, ExprEvalError
+from edgeagent.core.units import parse_duration_s
 
 MAX_LENGTH = 1000  # characters; rules are one-liners
 MAX_DEPTH = 32  # nesting of parentheses / not / unary minus / calls
@@ -479,3 +479,12 @@ def _call(node: Call, env: Env) -> float:
     if not (math.isfinite(args[0]) and -12 <= digits <= 12):
         raise ExprEvalError(f"round() arguments out of range at column {node.col}")
     return float(round(args[0], digits))
+
+
+def check_expression(text: str) -> str | None:
+    """For config validation: None, or the error with its column."""
+    try:
+        parse(text)
+    except ExprError as exc:
+        return str(exc)
+    return None
