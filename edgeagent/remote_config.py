@@ -45,7 +45,7 @@ from edgeagent.core.config_layers import (
     write_applied,
 )
 from edgeagent.core.errors import ConfigError, ProtocolError, RemoteConfigRejected, SignatureInvalid
-from edgeagent.core.hub import Hub
+from edgeagent.core.live import LiveConfig, Outbox, Router
 from edgeagent.core.logs import Once
 from edgeagent.core.signing import load_trusted_keys, verify
 
@@ -111,33 +111,34 @@ class Probation:
 class RemoteConfigComponent:
     name = "remote-config"
 
-    def __init__(self, hub: Hub, clock: Callable[[], float] = time.monotonic,
-                 restart: Callable[[str], None] | None = None) -> None:
-        self.hub = hub
+    def __init__(self, live: LiveConfig, outbox: Outbox, router: Router, layers: ConfigLayers,
+                 request_restart: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.live = live
+        self.outbox = outbox
+        self.router = router
         self.clock = clock
-        # finishing a rollback of restart-only keys needs a new process (the lead wires
-        # Hub.request_restart to a non-zero exit, which systemd's Restart=on-failure turns into one)
-        self._restart = restart
+        # finishing a rollback of restart-only keys needs a new process (the agent turns the
+        # request into a non-zero exit, which systemd's Restart=on-failure turns into one)
+        self._restart = request_restart
         self.state = AppliedState()
         self.probation: Probation | None = None
-        self._layers: ConfigLayers | None = None
+        self._layers = layers
         self._latest: bytes | None = None  # only the newest desired payload matters: older are replaced
         self._wake = asyncio.Event()
         self.restart_requested: str | None = None
 
     @property
     def layers(self) -> ConfigLayers:
-        assert self._layers is not None, "enter the component first"
         return self._layers
 
     async def __aenter__(self) -> RemoteConfigComponent:
-        cfg = self.hub.config
+        cfg = self.live.config
         applied = await asyncio.to_thread(read_applied, cfg.state_dir)
         self.state = applied or AppliedState()
-        self._layers = self.hub.layers
         if self.state.report:
             # re-assert what this device runs (also delivers a rollback report made before a restart)
-            self.hub.outbox.put_state(self.hub.topics.config_reported, self.state.report)
+            self.outbox.put_state(self.live.topics.config_reported, self.state.report)
         if not cfg.config.enabled:
             return self
         if not self.state.confirmed:
@@ -145,16 +146,12 @@ class RemoteConfigComponent:
             default_s = RemoteConfigConfig().confirm_timeout_s
             self.probation = Probation(now, now, min(cfg.config.confirm_timeout_s, default_s))
             log.info("config on probation after start", extra={"kv": {"version": self.state.version}})
-        self.hub.crash_listeners.append(self._on_crash)
-        self.hub.router.subscribe(self.hub.topics.config_desired, self._on_desired)
-        self.hub.providers["config"] = self.section
+        self.router.subscribe(self.live.topics.config_desired, self._on_desired)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        if self._on_crash in self.hub.crash_listeners:
-            self.hub.crash_listeners.remove(self._on_crash)
-        self.hub.providers.pop("config", None)
+        return None
 
     def section(self) -> dict[str, Any]:
         return {"version": self.state.version, "sha256": self.state.sha256,
@@ -168,7 +165,9 @@ class RemoteConfigComponent:
         self._latest = payload
         self._wake.set()
 
-    def _on_crash(self, component: str, error: str) -> None:
+    def on_crash(self, component: str, error: str) -> None:
+        """The agent's supervisor calls this when a component crashes: during probation that
+        counts against the new config."""
         if self.probation is not None and self.probation.crash is None:
             self.probation.crash = f"component {component} failed: {error}"
             self._wake.set()
@@ -176,7 +175,7 @@ class RemoteConfigComponent:
     # -- the loop
 
     async def run(self) -> None:
-        if not self.hub.config.config.enabled:
+        if not self.live.config.config.enabled:
             return
         while True:
             self._wake.clear()
@@ -198,12 +197,12 @@ class RemoteConfigComponent:
 
     async def handle(self, payload: bytes) -> None:
         """One desired message: applied, rejected (reported) or ignored (old version)."""
-        topic = self.hub.topics.config_desired
+        topic = self.live.topics.config_desired
         version = 0
         try:
             try:
                 trusted: dict[str, Any] = await asyncio.to_thread(
-                    load_trusted_keys, self.hub.config.updates.trusted_keys)
+                    load_trusted_keys, self.live.config.updates.trusted_keys)
             except ConfigError as exc:
                 raise RemoteConfigRejected("trusted keys unreadable: " + "; ".join(exc.errors)) from exc
             desired = parse_desired(topic, payload, trusted)
@@ -222,8 +221,8 @@ class RemoteConfigComponent:
                 reason += f" (still running version {self.state.version})"
             sha = hashlib.sha256(payload).hexdigest()
             report = protocol.config_reported(exc.version or version, sha, "rejected", reason)
-            self.hub.outbox.put_state(self.hub.topics.config_reported, report)
-            self.hub.emit_event("config", "warning", f"desired config rejected: {reason}",
+            self.outbox.put_state(self.live.topics.config_reported, report)
+            self.outbox.emit_event("config", "warning", f"desired config rejected: {reason}",
                                 {"version": exc.version or version, "reason": reason})
             await self._persist_quietly()  # keeps seen_version: a rejected version is not retried
 
@@ -235,7 +234,7 @@ class RemoteConfigComponent:
             new = self.layers.build(desired.config)
         except ConfigError as exc:
             raise RemoteConfigRejected("invalid: " + "; ".join(exc.errors), desired.version) from exc
-        prev, timeout_s = self.state, self.hub.config.config.confirm_timeout_s
+        prev, timeout_s = self.state, self.live.config.config.confirm_timeout_s
         good = (prev.version, prev.sha256, prev.config) if prev.confirmed else (
             prev.good_version, prev.good_sha256, prev.good_config)
         pending_keys = restart_paths(self.layers.boot, new)
@@ -246,17 +245,17 @@ class RemoteConfigComponent:
                              seen_version=prev.seen_version, good_version=good[0], good_sha256=good[1],
                              good_config=good[2], report=report)
         try:
-            await asyncio.to_thread(write_applied, self.hub.config.state_dir, state)
+            await asyncio.to_thread(write_applied, self.live.config.state_dir, state)
         except OSError as exc:
             raise RemoteConfigRejected(f"cannot persist: {exc}", desired.version) from exc
         self.state = state
         self.layers.set_remote(desired.config)
-        self.hub.outbox.put_state(self.hub.topics.config_reported, report)
-        self.hub.emit_event("config", "info", f"config version {desired.version} applied",
+        self.outbox.put_state(self.live.topics.config_reported, report)
+        self.outbox.emit_event("config", "info", f"config version {desired.version} applied",
                             {"version": desired.version, "sha256": desired.sha256, "key_id": desired.key_id,
                              "restart_needed": pending_keys})
         now = self.clock()
-        timeout_s = min(timeout_s, self.hub.config.config.confirm_timeout_s)
+        timeout_s = min(timeout_s, self.live.config.config.confirm_timeout_s)
         self.probation = Probation(now, None if self._connected() else now, timeout_s)
         log.info("config applied",
                  extra={"kv": {"version": desired.version, "restart": ",".join(pending_keys)}})
@@ -264,9 +263,9 @@ class RemoteConfigComponent:
     # -- probation
 
     def _connected(self) -> bool:
-        if not self.hub.config.mqtt.host:
+        if not self.live.config.mqtt.host:
             return True  # offline by design: nothing to lose contact with
-        return bool(self.hub.router.connected)
+        return bool(self.router.connected)
 
     async def check_probation(self) -> None:
         p = self.probation
@@ -292,7 +291,7 @@ class RemoteConfigComponent:
         self.probation = None
         await self._persist_quietly()
         log.info("config confirmed", extra={"kv": {"version": st.version}})
-        self.hub.emit_event("config", "info", f"config version {st.version} confirmed",
+        self.outbox.emit_event("config", "info", f"config version {st.version} confirmed",
                             {"version": st.version, "sha256": st.sha256})
 
     async def rollback(self, why: str) -> None:
@@ -306,8 +305,8 @@ class RemoteConfigComponent:
         except ConfigError as exc:  # the good layer validated before; only a schema change gets here
             log.error("last good config no longer validates: %s", exc)
             pending = self.layers.set_remote({}, keep_restart_keys=False)
-        self.hub.outbox.put_state(self.hub.topics.config_reported, report)
-        self.hub.emit_event("config", "critical", f"config version {bad.version} rolled back: {why}",
+        self.outbox.put_state(self.live.topics.config_reported, report)
+        self.outbox.emit_event("config", "critical", f"config version {bad.version} rolled back: {why}",
                             {"version": bad.version, "reason": reason, "restart_needed": pending})
         log.error("config rolled back", extra={"kv": {"version": bad.version, "reason": why}})
         if pending:
@@ -315,14 +314,13 @@ class RemoteConfigComponent:
 
     def _request_restart(self, reason: str) -> None:
         self.restart_requested = reason
-        hook = self._restart or getattr(self.hub, "request_restart", None)
-        if hook is None:
+        if self._restart is None:
             log.critical("%s: restart edgeagent to finish the rollback", reason)
         else:
-            hook(reason)
+            self._restart(reason)
 
     async def _persist_quietly(self) -> None:
         try:
-            await asyncio.to_thread(write_applied, self.hub.config.state_dir, self.state)
+            await asyncio.to_thread(write_applied, self.live.config.state_dir, self.state)
         except (OSError, ValueError) as exc:
             log.error("cannot persist %s: %s", "config.applied.toml", exc)

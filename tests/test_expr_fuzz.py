@@ -232,7 +232,7 @@ def test_signed_random_layers_never_crash_the_component(partial: dict[str, Any])
 
     with tempfile.TemporaryDirectory() as tmp:
         dev = Device(Path(tmp))
-        before = dev.hub.config
+        before = dev.live.config
 
         async def main() -> None:
             async with dev.comp:
@@ -244,7 +244,7 @@ def test_signed_random_layers_never_crash_the_component(partial: dict[str, Any])
                 rep = dev.reported()
                 assert rep is not None and rep["state"] in ("applied", "rejected"), rep
                 if rep["state"] == "rejected":
-                    assert dev.hub.config is before, "a rejected config changes nothing"
+                    assert dev.live.config is before, "a rejected config changes nothing"
                 # whatever happened is reportable and persisted in a readable form
                 from edgeagent.core import protocol
 

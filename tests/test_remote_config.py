@@ -1,5 +1,5 @@
-"""Remote config on a real Hub (real ed25519, real files), with a fake clock and a router whose link
-state the test sets: verify, validate, apply live, persist, report, ignore replays, roll back."""
+"""Remote config on the real live objects (ed25519, real files), with a fake clock and a router
+whose link state the test sets: verify, validate, apply live, persist, report, ignore replays, roll back."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from edgeagent.core import config as cfgmod
 from edgeagent.core import protocol
 from edgeagent.core.config_layers import APPLIED_FILE, ConfigLayers, load_effective, read_applied
 from edgeagent.core.errors import RemoteConfigRejected
-from edgeagent.core.hub import Handler, Hub, MemoryOutbox
+from edgeagent.core.live import Handler, LiveConfig, MemoryOutbox
 from edgeagent.core.signing import generate_keypair, load_private_key, load_trusted_keys, sign
 from edgeagent.remote_config import RemoteConfigComponent, config_sha256, parse_desired
 
@@ -77,16 +77,12 @@ ops = "{keys / 'ops.pem'}"
     def start(self) -> None:
         effective = load_effective(self.path, starting=True)
         cfg, self.layers = effective
-        self.hub = Hub(cfg)
-        self.hub.layers = ConfigLayers.starting_from(self.hub, effective)  # as the agent does
+        self.live = LiveConfig(cfg)
         self.router = LinkRouter()
-        self.hub.router = self.router
-        self.comp = RemoteConfigComponent(self.hub, clock=self.clock, restart=self.restarts.append)
-
-    @property
-    def outbox(self) -> MemoryOutbox:
-        assert isinstance(self.hub.outbox, MemoryOutbox)
-        return self.hub.outbox
+        self.outbox = MemoryOutbox()
+        layers = ConfigLayers.starting_from(self.live, effective)  # as the agent does
+        self.comp = RemoteConfigComponent(self.live, self.outbox, self.router, layers,
+                                          request_restart=self.restarts.append, clock=self.clock)
 
     def reported(self) -> dict[str, Any] | None:
         return self.outbox.states.get("edge/dev1/config/reported")
@@ -115,7 +111,7 @@ def run(dev: Device, scenario: Any) -> None:
 
 
 def test_parse_desired_verifies_the_signature(dev: Device) -> None:
-    trusted = load_trusted_keys(dev.hub.config.updates.trusted_keys)
+    trusted = load_trusted_keys(dev.live.config.updates.trusted_keys)
     good = parse_desired("t", dev.desired(3, {"telemetry": {"interval_s": 1}}), dict(trusted))
     assert (good.version, good.key_id) == (3, "ops")
     assert good.sha256 == config_sha256({"telemetry": {"interval_s": 1}})
@@ -145,11 +141,11 @@ def test_a_push_applies_live_persists_and_reports(dev: Device) -> None:
     partial = partial_4
 
     async def scenario() -> None:
-        waiter = asyncio.ensure_future(dev.hub.changed.wait())
+        waiter = asyncio.ensure_future(dev.live.changed.wait())
         await asyncio.sleep(0)
         await dev.push(dev.desired(4, partial))
         await asyncio.wait_for(waiter, 1)  # telemetry sleeping in sleep_or_change wakes at once
-        changes.append(dev.hub.config.telemetry)
+        changes.append(dev.live.config.telemetry)
         rep = dev.reported()
         assert rep is not None
         assert (rep["version"], rep["state"], rep["reason"], rep["sha256"]) == (4, "applied", "",
@@ -174,7 +170,7 @@ def test_a_bad_config_is_rejected_with_its_key_path_and_changes_nothing(dev: Dev
         assert "telemetry.interval_s: expected a number 0.01-86400, got -1" in rep["reason"]
         assert "telemetry.intervall_s: unknown key (did you mean 'interval_s'?)" in rep["reason"]
         assert "rules[0].when: unexpected token '>' at column 9" in rep["reason"]
-        assert dev.hub.config.telemetry.interval_s == 5.0
+        assert dev.live.config.telemetry.interval_s == 5.0
         for partial, reason in [
             ({"device": {"state_dir": "/"}}, "device.state_dir: cannot be set remotely"),
             ({"mqtt": {"password": "${HOME}"}}, "config.mqtt.password: ${VAR} substitution is for the local"),
@@ -189,7 +185,7 @@ def test_a_bad_config_is_rejected_with_its_key_path_and_changes_nothing(dev: Dev
         assert dev.comp.state.seen_version == 5, "an unsigned message must not move the version mark"
 
     run(dev, scenario)
-    assert dev.hub.config.telemetry.interval_s == 5.0
+    assert dev.live.config.telemetry.interval_s == 5.0
     assert load_effective(dev.path)[0].telemetry.interval_s == 5.0
 
 
@@ -200,9 +196,9 @@ def test_versions_must_increase_a_replay_is_ignored(dev: Device) -> None:
         await dev.push(dev.desired(3, {"telemetry": {"interval_s": 9}}))  # an old, validly signed one
         await dev.push(dev.desired(5, {"telemetry": {"interval_s": 2}}))  # retained again after reconnect
         assert dev.reported() is first, "no new report"
-        assert dev.hub.config.telemetry.interval_s == 2.0
+        assert dev.live.config.telemetry.interval_s == 2.0
         await dev.push(dev.desired(6, {"telemetry": {"interval_s": 3}}))
-        assert dev.hub.config.telemetry.interval_s == 3.0
+        assert dev.live.config.telemetry.interval_s == 3.0
 
     run(dev, scenario)
     # after a restart the mark is still there
@@ -210,7 +206,7 @@ def test_versions_must_increase_a_replay_is_ignored(dev: Device) -> None:
 
     async def after() -> None:
         await dev.push(dev.desired(6, {"telemetry": {"interval_s": 7}}))
-        assert dev.hub.config.telemetry.interval_s == 3.0
+        assert dev.live.config.telemetry.interval_s == 3.0
 
     run(dev, after)
 
@@ -223,7 +219,7 @@ def test_restart_keys_are_named_and_wait_for_the_next_start(dev: Device) -> None
         assert rep is not None and rep["state"] == "applied"
         assert rep["reason"] == ("restart needed for: inference.num_threads, mqtt.keepalive_s "
                                  "(applied on next start)")
-        cfg = dev.hub.config
+        cfg = dev.live.config
         assert (cfg.mqtt.keepalive_s, cfg.inference.num_threads) == (30, 1)  # as the process started
         assert (cfg.telemetry.interval_s, cfg.inference.threshold) == (1.0, 0.7)  # live
 
@@ -253,7 +249,7 @@ def test_broker_unreachable_after_applying_rolls_back_and_reports_once_reconnect
         dev.clock.t += 31
         await dev.comp.check_probation()  # confirmed: version 1 is the last good one
         await dev.push(dev.desired(2, {"telemetry": {"interval_s": 2}}))
-        assert dev.hub.config.telemetry.interval_s == 2.0
+        assert dev.live.config.telemetry.interval_s == 2.0
         dev.router.up = False  # the link breaks
         dev.clock.t += 1
         await dev.comp.check_probation()
@@ -265,10 +261,10 @@ def test_broker_unreachable_after_applying_rolls_back_and_reports_once_reconnect
         await dev.comp.check_probation()
         dev.clock.t += 29.9
         await dev.comp.check_probation()
-        assert dev.hub.config.telemetry.interval_s == 2.0
+        assert dev.live.config.telemetry.interval_s == 2.0
         dev.clock.t += 0.2  # ... 30 s in a row is not
         await dev.comp.check_probation()
-        assert dev.hub.config.telemetry.interval_s == 1.0
+        assert dev.live.config.telemetry.interval_s == 1.0
         rep = dev.reported()
         assert rep is not None and (rep["version"], rep["state"]) == (2, "rolled_back")
         assert rep["reason"] == "broker unreachable for 30s after applying; running version 1 again"
@@ -282,7 +278,7 @@ def test_broker_unreachable_after_applying_rolls_back_and_reports_once_reconnect
     async def after() -> None:
         assert dev.reported() is not None and dev.reported()["state"] == "rolled_back"  # type: ignore[index]
         await dev.push(dev.desired(2, {"telemetry": {"interval_s": 2}}))
-        assert dev.hub.config.telemetry.interval_s == 1.0
+        assert dev.live.config.telemetry.interval_s == 1.0
 
     run(dev, after)
 
@@ -290,10 +286,9 @@ def test_broker_unreachable_after_applying_rolls_back_and_reports_once_reconnect
 def test_a_component_crash_on_probation_rolls_back(dev: Device) -> None:
     async def scenario() -> None:
         await dev.push(dev.desired(1, {"telemetry": {"interval_s": 0.25}}))
-        for listener in dev.hub.crash_listeners:
-            listener("telemetry", "ValueError: boom")
+        dev.comp.on_crash("telemetry", "ValueError: boom")
         await dev.comp.check_probation()
-        assert dev.hub.config.telemetry.interval_s == 5.0
+        assert dev.live.config.telemetry.interval_s == 5.0
         rep = dev.reported()
         assert rep is not None and rep["state"] == "rolled_back"
         assert rep["reason"] == ("component telemetry failed: ValueError: boom; running version local file "
@@ -305,18 +300,18 @@ def test_a_component_crash_on_probation_rolls_back(dev: Device) -> None:
 def test_restart_keys_that_break_the_link_roll_back_at_the_next_start_and_restart(dev: Device) -> None:
     async def scenario() -> None:
         await dev.push(dev.desired(1, {"mqtt": {"port": 1}}))
-        assert dev.hub.config.mqtt.port == 8883
+        assert dev.live.config.mqtt.port == 8883
 
     run(dev, scenario)
     dev.start()  # the restart the report asked for: the bad port is in effect now
-    assert dev.hub.config.mqtt.port == 1
+    assert dev.live.config.mqtt.port == 1
     dev.router.up = False
 
     async def after() -> None:
         assert dev.comp.probation is not None, "an unconfirmed layer is on probation at start"
         dev.clock.t += 30
         await dev.comp.check_probation()
-        assert dev.hub.config.mqtt.port == 8883, "the session's next connect uses the good port"
+        assert dev.live.config.mqtt.port == 8883, "the session's next connect uses the good port"
 
     run(dev, after)
     assert dev.restarts == ["config rollback needs a restart for mqtt.port"]
@@ -374,10 +369,10 @@ def test_run_loop_applies_the_newest_retained_message(dev: Device) -> None:
             await handler("edge/dev1/config/desired", dev.desired(2, {"telemetry": {"interval_s": 3}}))
             await handler("edge/dev1/config/desired", b"")  # a cleared retained message is nothing
             for _ in range(200):
-                if dev.hub.config.telemetry.interval_s == 3.0:
+                if dev.live.config.telemetry.interval_s == 3.0:
                     break
-                await asyncio.wait_for(dev.hub.changed.wait(), 5)
-            assert dev.hub.config.telemetry.interval_s == 3.0
+                await asyncio.wait_for(dev.live.changed.wait(), 5)
+            assert dev.live.config.telemetry.interval_s == 3.0
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -386,7 +381,7 @@ def test_run_loop_applies_the_newest_retained_message(dev: Device) -> None:
 
 
 def test_build_from_to_dict_reproduces_the_config() -> None:
-    # a hub built without load_effective takes its start config as the file layer
+    # layers built without load_effective takes its start config as the file layer
     cfg = cfgmod.build({"device": {"id": "d"}, "rules": [{"name": "r", "when": "busy", "for": "5s"}],
                         "updates": {"gates": {"model": {"maintenance_windows": ["Mon 01:00-02:00"]}}}})
     assert cfgmod.build(cfgmod.to_dict(cfg)) == cfg

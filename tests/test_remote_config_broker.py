@@ -13,14 +13,12 @@ from typing import Any
 
 import pytest
 
-from edgeagent.agent import Agent, Component
+from edgeagent.agent import Agent, Component, Wiring
 from edgeagent.core import protocol
 from edgeagent.core.config_layers import load_effective
-from edgeagent.core.hub import Hub
 from edgeagent.core.signing import generate_keypair, load_private_key, sign
 from edgeagent.remote_config import RemoteConfigComponent
-from edgeagent.telemetry import TelemetryComponent
-from edgeagent.transport import TransportComponent
+from tests import rig
 from tests.broker import Broker
 from tests.transport_util import Observer
 from tests.util import async_wait_until, free_port
@@ -73,9 +71,12 @@ class Running:
     def __init__(self, path: Path, restarts: list[str]) -> None:
         effective = load_effective(path, starting=True)  # as `edgeagent run` does
 
-        def components(hub: Hub) -> list[Component]:
-            return [TransportComponent(hub), TelemetryComponent(hub),
-                    RemoteConfigComponent(hub, restart=restarts.append)]
+        def components(w: Wiring) -> list[Component]:
+            transport = rig.transport(w)
+            remote = RemoteConfigComponent(w.live, w.outbox, w.router, w.layers,
+                                           request_restart=restarts.append)
+            w.crash_listeners.append(remote.on_crash)
+            return [transport, rig.telemetry(w, transport), remote]
 
         self.agent = Agent(effective.config, components, effective=effective)
         self.task: asyncio.Task[int] | None = None
@@ -154,14 +155,14 @@ def test_a_config_that_breaks_the_broker_connection_is_rolled_back_after_the_tim
             assert applied["reason"] == "restart needed for: mqtt.port (applied on next start)"
         # the restart the report asks for: the agent now points at a port where nothing listens
         async with Running(path, restarts) as run:
-            assert run.agent.hub.config.mqtt.port == dead_port
+            assert run.agent.live.config.mqtt.port == dead_port
             [rolled] = await async_wait_until(
                 lambda: reports(obs, lambda r: r["state"] == "rolled_back"), 30,
                 message="rolled_back report, delivered once the good port is used again")
             assert rolled["version"] == 7
             assert rolled["reason"] == ("broker unreachable for 2s after applying; "
                                         "running version local file again")
-            assert run.agent.hub.config.mqtt.port == broker.port
+            assert run.agent.live.config.mqtt.port == broker.port
 
     try:
         asyncio.run(main())
