@@ -71,14 +71,14 @@ def default_components(hub: Hub) -> list[Component]:
     from edgeagent.rules import RulesComponent
     from edgeagent.telemetry import TelemetryComponent
     from edgeagent.transport import TransportComponent
-    from edgeagent.updates import UpdatesComponent
+    from edgeagent.updates.hub_bridge import updates_from_hub
 
     components: list[Component] = [MonitorComponent(hub), TransportComponent(hub), TelemetryComponent(hub)]
     if hub.config.inference.enabled:  # a restart-only key; numpy + TFLite cost ~30 MiB, so only then
         from edgeagent.inference.pipeline import InferenceComponent
 
         components.append(InferenceComponent(hub))
-    components += [RulesComponent(hub), UpdatesComponent(hub), RemoteConfigComponent(hub)]
+    components += [RulesComponent(hub), updates_from_hub(hub), RemoteConfigComponent(hub)]
     return components
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from edgeagent.core import protocol, signing
 from edgeagent.core.hub import Hub
+from edgeagent.core.live import LiveConfig, Metrics, OutboxRelay, RouterRelay
 from edgeagent.ops.fleet.connect import BrokerUrl, connect_and_wait, make_client
 from edgeagent.ops.push import Pusher, build_manifest
 from edgeagent.transport import TransportComponent
@@ -22,6 +23,7 @@ from tests.broker import Broker
 from tests.updates_helpers import (
     KEY_ID,
     MODEL,
+    AttachRelays,
     FakeModelInstaller,
     StatusWatcher,
     make_config,
@@ -35,9 +37,11 @@ Body = Callable[["Ctx"], Awaitable[None]]
 
 
 class Ctx:
-    def __init__(self, tmp: Path, broker: Broker, hub: Hub, comp: UpdatesComponent, key: Any,
-                 watcher: StatusWatcher, installer: FakeModelInstaller) -> None:
+    def __init__(self, tmp: Path, broker: Broker, hub: Hub, live: LiveConfig, metrics: Metrics,
+                 comp: UpdatesComponent, key: Any, watcher: StatusWatcher,
+                 installer: FakeModelInstaller) -> None:
         self.tmp, self.broker, self.hub, self.comp = tmp, broker, hub, comp
+        self.live, self.metrics = live, metrics
         self.key, self.watcher, self.installer = key, watcher, installer
 
     async def push(self, msg: dict[str, Any], artifact: Path, timeout_s: float = 30.0,
@@ -69,16 +73,16 @@ def run(tmp_path: Path, broker: Broker, body: Body, installer_fail: str = "",
     cfg = make_config(tmp_path, pub, broker.port, **sections)
 
     async def main() -> None:
-        hub = Hub(cfg)
+        hub = Hub(cfg)  # the transport still wires through the Hub
+        live, metrics, outbox, router = LiveConfig(cfg), Metrics(), OutboxRelay(), RouterRelay()
         installer = FakeModelInstaller(tmp_path / "store", fail=installer_fail)
         (tmp_path / "store").mkdir()
-        hub.model_installer = installer
         watcher = StatusWatcher(broker.port)
-        comp = UpdatesComponent(hub, local_now=local_now)
+        comp = UpdatesComponent(live, metrics, outbox, router, installer, local_now=local_now)
         try:
-            async with running(hub, TransportComponent(hub), comp):
-                await async_wait_until(lambda: hub.router.connected, 10, message="connected")
-                await body(Ctx(tmp_path, broker, hub, comp, key, watcher, installer))
+            async with running(hub, TransportComponent(hub), AttachRelays(hub, outbox, router), comp):
+                await async_wait_until(lambda: router.connected, 10, message="connected")
+                await body(Ctx(tmp_path, broker, hub, live, metrics, comp, key, watcher, installer))
         finally:
             watcher.close()
 
@@ -203,7 +207,7 @@ def test_gates_defer_then_apply_by_themselves(tmp_path: Path, broker: Broker) ->
     Then the busy flag defers a second job until it is cleared. Downloads run while gated."""
 
     async def body(c: Ctx) -> None:
-        c.hub.publish_metrics({"battery_percent": 8.0, "on_external_power": False})
+        c.metrics.publish({"battery_percent": 8.0, "on_external_power": False})
         msg = signed(MODEL, c.key, job="gated", version="2.0.0", chunk_size=4096)
         c.watcher.publish("edge/dev1/updates/gated/manifest", msg)
         task = asyncio.create_task(c.push(msg, MODEL))
@@ -211,18 +215,18 @@ def test_gates_defer_then_apply_by_themselves(tmp_path: Path, broker: Broker) ->
         doc = c.watcher.last["gated"]
         assert "battery 8% < 30%" in doc["reason"] and doc["next_try"] > time.time()
         assert c.comp.journal.jobs["gated"].progress == 1.0  # downloaded while gated
-        c.hub.publish_metrics({"battery_percent": 9.0, "on_external_power": True})
+        c.metrics.publish({"battery_percent": 9.0, "on_external_power": True})
         result = await task
         assert result.states == {"dev1": "succeeded"}
         await async_wait_until(lambda: c.watcher.events["gated"][-1:] == ["succeeded"], 10)
         assert c.watcher.events["gated"][-3:] == ["deferred", "installing", "succeeded"]
 
-        c.hub.set_busy("rules", "press cycle running")
+        c.live.set_busy("rules", "press cycle running")
         msg2 = signed(MODEL, c.key, job="busy", version="2.1.0", chunk_size=4096)
         task = asyncio.create_task(c.push(msg2, MODEL))
         await async_wait_until(lambda: c.watcher.state("busy") == "deferred", 20)
         assert "busy (rules: press cycle running)" in c.watcher.last["busy"]["reason"]
-        c.hub.set_busy("rules", None)
+        c.live.set_busy("rules", None)
         assert (await task).states == {"dev1": "succeeded"}
 
     run(tmp_path, broker, body, updates={"gates": {"model": {"battery_min_percent": 30.0,
@@ -260,7 +264,7 @@ def test_job_applies_by_itself_when_the_window_opens(tmp_path: Path, broker: Bro
         assert "next opens Wed 02:00" in doc["reason"]
         assert 1 <= doc["next_try"] - time.time() <= 31  # exactly when the window opens, not a backoff
         clock[0] += timedelta(minutes=1)  # 02:00:30: inside the window
-        c.hub.notify_changed()  # any context change re-evaluates at once
+        c.live.notify_changed()  # any context change re-evaluates at once
         assert (await task).states == {"dev1": "succeeded"}
 
     run(tmp_path, broker, body, local_now=lambda: clock[0],

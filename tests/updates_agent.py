@@ -33,7 +33,6 @@ class FakeModels:
 
     async def __aenter__(self) -> FakeModels:
         self.installer.store.mkdir(parents=True, exist_ok=True)
-        self.hub.model_installer = self.installer
         if self.gate is not None:
             self.installer.block.clear()
         return self
@@ -60,16 +59,19 @@ def main() -> int:
 
     def components(hub: Hub) -> list[Any]:
         from edgeagent.transport import TransportComponent
-        from edgeagent.updates import UpdatesComponent
+        from edgeagent.updates.hub_bridge import updates_from_hub
 
         out: list[Any] = [TransportComponent(hub)]
         if a.fake_models:
-            out.append(FakeModels(hub, a.fake_models, a.install_gate))
+            fake = FakeModels(hub, a.fake_models, a.install_gate)
+            out += [fake, updates_from_hub(hub, fake.installer)]
         elif cfg.inference.enabled:
             from edgeagent.inference.pipeline import InferenceComponent
 
-            out.append(InferenceComponent(hub))
-        out.append(UpdatesComponent(hub))
+            inference = InferenceComponent(hub)
+            out += [inference, updates_from_hub(hub, inference, inference.section)]
+        else:
+            out.append(updates_from_hub(hub))
         return out
 
     return asyncio.run(run_agent(cfg, components))

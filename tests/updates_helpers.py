@@ -1,6 +1,6 @@
 """Shared pieces of the update tests: keys, manifests, configs, a status watcher, a model installer.
 
-`FakeModelInstaller` implements hub.ModelInstaller (our own seam) for tests that do not need the
+`FakeModelInstaller` implements updates.seams.ModelInstaller (our own seam) for tests that do not need the
 real interpreter; everything else here is real (ed25519, files, Mosquitto, processes).
 """
 
@@ -28,6 +28,7 @@ from edgeagent.core.config_layers import dumps_toml
 from edgeagent.core.errors import ModelRejected, ModelRolledBack
 from edgeagent.core.fsutil import atomic_write_json
 from edgeagent.core.hub import Hub
+from edgeagent.core.live import OutboxRelay, RouterRelay
 from edgeagent.ops.push import build_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,7 +159,7 @@ class StatusWatcher:
 
 
 class FakeModelInstaller:
-    """hub.ModelInstaller for tests without an interpreter: copies into a store, remembers versions."""
+    """updates.seams.ModelInstaller without an interpreter: copies into a store, remembers versions."""
 
     def __init__(self, store: Path, fail: str = "") -> None:
         self.store = store
@@ -189,6 +190,27 @@ class FakeModelInstaller:
         versions[name] = version
         atomic_write_json(self._versions_file, versions)
         self.installed.append((name, version, job))
+
+
+class AttachRelays:
+    """Hands the transport's outbox and router (on the Hub it still uses) to the relays the updates
+    component holds: entered right after the transport, like the agent's wiring."""
+
+    name = "attach-relays"
+
+    def __init__(self, hub: Hub, outbox: OutboxRelay, router: RouterRelay) -> None:
+        self.hub, self.outbox, self.router = hub, outbox, router
+
+    async def __aenter__(self) -> AttachRelays:
+        self.outbox.attach(self.hub.outbox)
+        self.router.attach(self.hub.router)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def run(self) -> None:
+        return None
 
 
 @contextlib.asynccontextmanager
