@@ -132,8 +132,19 @@ def test_hostile_inputs_over_mqtt(tmp_path: Path, broker: Broker) -> None:
         assert "not signed" in (await c.final("nosig"))["reason"]
         w.publish("edge/dev1/updates/mismatch/manifest", signed(MODEL, c.key, job="other-job"))
         assert "topic says" in (await c.final("mismatch"))["reason"]
-        # a manifest on another device's topic never reaches us
+        # refusals are reported, never journaled: no job exists for any of them
+        refused = {"bad-json", "bad-sig", "nosig", "mismatch", "other-job"}
+        assert not refused & c.comp.journal.jobs.keys() and not (c.tmp / "state/updates/other-job").exists()
+        # a manifest on another device's topic (or a group we are not in) never reaches us: after a
+        # sentinel published later by the same client has been refused, nothing of it is anywhere
+        jobs_before = dict(c.comp.journal.jobs)
         w.publish("edge/dev2/updates/foreign/manifest", signed(MODEL, c.key, job="foreign"))
+        w.publish("edge/group/line2/updates/foreign2/manifest", signed(MODEL, c.key, job="foreign2"))
+        w.publish("edge/dev1/updates/sentinel/manifest", b"{not json")
+        assert "malformed JSON" in (await c.final("sentinel"))["reason"]
+        assert c.comp.journal.jobs == jobs_before
+        assert w.state("foreign") is None and w.state("foreign2") is None
+        assert not (c.tmp / "state/updates/foreign").exists() and c.comp.dropped_chunks == 0
         # a bundle escaping its directory: rejected after download, before anything is installed
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz") as tar:

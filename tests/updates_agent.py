@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,6 +22,8 @@ from edgeagent.core import config as cfgmod
 from edgeagent.core import logs
 from edgeagent.core.hub import Hub
 from tests.updates_helpers import FakeModelInstaller
+
+GATE_DEADLINE_S = 120.0
 
 
 class FakeModels:
@@ -42,7 +45,12 @@ class FakeModels:
         return None
 
     async def run(self) -> None:
+        # the test writes the gate file only after kill -9 of an earlier run: poll a file (no other
+        # signal crosses processes), with a deadline so a broken test cannot hang an install forever
+        deadline = time.monotonic() + GATE_DEADLINE_S
         while self.gate is not None and not self.gate.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"install gate {self.gate} not opened within {GATE_DEADLINE_S:g} s")
             await asyncio.sleep(0.05)
         self.installer.block.set()
         await asyncio.Event().wait()
