@@ -29,6 +29,7 @@ from edgeagent.core.errors import ModelRejected, ModelRolledBack
 from edgeagent.core.fsutil import atomic_write_json
 from edgeagent.core.hub import Hub
 from edgeagent.core.live import OutboxRelay, RouterRelay
+from edgeagent.core.tasks import cancel_and_wait
 from edgeagent.ops.push import build_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,7 +227,5 @@ async def running(hub: Hub, *components: Any) -> AsyncIterator[None]:
         yield
     finally:
         for t in reversed(tasks):
-            t.cancel()
-            with contextlib.suppress(BaseException):
-                await t
+            await cancel_and_wait(t)
         await stack.aclose()

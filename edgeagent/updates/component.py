@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgeagent import __version__
 from edgeagent.core import signing
+from edgeagent.core.backoff import backoff_s
 from edgeagent.core.errors import ConfigError
 from edgeagent.core.live import LiveConfig, Metrics, Outbox, Router
 from edgeagent.core.logs import Once
@@ -43,6 +44,8 @@ if TYPE_CHECKING:  # cryptography is imported on first use (signing.py): ~8 MiB 
 log = logging.getLogger(__name__)
 
 MAX_CRASHES = 3  # a job whose task crashes more often than this (a bug, an OS error) fails
+CRASH_RETRY_INITIAL_S = 1.0
+CRASH_RETRY_MAX_S = 8.0
 
 
 class UpdatesComponent:
@@ -163,7 +166,7 @@ class UpdatesComponent:
             except Exception:  # the journal itself may be what fails: the log above has the story
                 log.exception("update job %s: cannot record the failure", jid)
             return
-        await asyncio.sleep(self._crashes[jid])
+        await asyncio.sleep(backoff_s(self._crashes[jid], CRASH_RETRY_INITIAL_S, CRASH_RETRY_MAX_S))
         self.start(crashed)  # the journal says where it stood: go on from there
 
     async def _stop_tasks(self) -> None:
