@@ -180,7 +180,7 @@ def test_bad_chunks_dropped_and_rerequested(tmp_path: Path, broker: Broker) -> N
         msg = signed(MODEL, c.key, job="chunky", version="2.0.0", chunk_size=8192)
         base = "edge/dev1/updates/chunky"
         w.publish(f"{base}/manifest", msg)
-        await async_wait_until(lambda: "chunky" in c.comp._transfers, 10)
+        await async_wait_until(lambda: "chunky" in c.comp.transfers, 10)
         parts = [data[i:i + 8192] for i in range(0, len(data), 8192)]
         w.publish(f"{base}/chunk/0", b"\x00" * len(parts[0]))  # chunk_sha256 mismatch
         w.publish(f"{base}/chunk/1", parts[1] + b"x" * 10)  # oversized
@@ -203,7 +203,7 @@ def test_truncated_transfer_expires(tmp_path: Path, broker: Broker) -> None:
     async def body(c: Ctx) -> None:
         msg = signed(MODEL, c.key, job="trunc", version="2.0.0", chunk_size=4096, ttl_s=3.0)
         c.watcher.publish("edge/dev1/updates/trunc/manifest", msg)
-        await async_wait_until(lambda: "trunc" in c.comp._transfers, 10)
+        await async_wait_until(lambda: "trunc" in c.comp.transfers, 10)
         c.watcher.publish("edge/dev1/updates/trunc/chunk/0", MODEL.read_bytes()[:4096])
         doc = await c.final("trunc", 20)
         assert doc["state"] == "failed" and "missing when the job expired" in doc["reason"]

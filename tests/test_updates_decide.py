@@ -26,7 +26,6 @@ from edgeagent.updates.decide import (
     Finish,
     Ignore,
     Install,
-    JobFacts,
     MarkVerified,
     PublishStatus,
     Refuse,
@@ -38,6 +37,7 @@ from edgeagent.updates.decide import (
     StopJob,
     Wait,
 )
+from edgeagent.updates.jobs import JobFacts
 
 NOW = 1_800_000_000.0
 WED_10 = datetime(2026, 11, 25, 10, 0)  # a Wednesday

@@ -33,7 +33,7 @@ from edgeagent.updates.book import JobBook
 from edgeagent.updates.firmware import FirmwareFlow
 from edgeagent.updates.inputs import Inputs
 from edgeagent.updates.installers import FirmwareRunner, installed_firmware_version
-from edgeagent.updates.jobs import Job, Journal
+from edgeagent.updates.jobs import Job, JobFacts, Journal
 from edgeagent.updates.perform import Performer
 from edgeagent.updates.seams import ModelInstaller
 from edgeagent.updates.transfer import Transfer
@@ -49,6 +49,12 @@ CRASH_RETRY_MAX_S = 8.0
 
 
 class UpdatesComponent:
+    """Owns the job tasks; `section()` and `firmware_section()` are its telemetry/health.json parts.
+
+    `model_installer` is None when inference is disabled (model jobs then fail with that reason);
+    `inference_section` lets the firmware health check see inference serving after a reboot.
+    """
+
     name = "updates"
 
     def __init__(self, live: LiveConfig, metrics: Metrics, outbox: Outbox, router: Router,
@@ -93,10 +99,6 @@ class UpdatesComponent:
     def rejected_chunks(self) -> int:
         return self.inputs.rejected_chunks
 
-    @property
-    def _transfers(self) -> dict[str, Transfer]:  # the name the integration tests poll
-        return self.transfers
-
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> UpdatesComponent:
         cfg = self.live.config.updates
@@ -106,7 +108,7 @@ class UpdatesComponent:
         await asyncio.to_thread(self.journal.load)
         resumed = False
         for job in self.journal.unfinished():
-            for decision in d.decide(d.JobFacts.of(job), d.Restarted()):
+            for decision in d.decide(JobFacts.of(job), d.Restarted()):
                 if isinstance(decision, d.CountResume):
                     # persisted before anything runs again: the loop breaker survives crashes
                     job.resumes += 1

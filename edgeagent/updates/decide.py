@@ -13,39 +13,13 @@ from dataclasses import dataclass
 
 from edgeagent.core.backoff import backoff_s
 from edgeagent.core.config import GateConfig
-from edgeagent.core.protocol import FINAL_JOB_STATES
 from edgeagent.monitor.context import DeviceContext, failing_gates, next_try_s
 from edgeagent.updates import manifest
-from edgeagent.updates.jobs import CANCELLABLE, Job
+from edgeagent.updates.jobs import CANCELLABLE, JobFacts
 
 MAX_RESUMES = 5  # restarts that found a job mid-install before we give up on it (loop breaker)
 MB = 1024 * 1024
 SIDE_EFFECT_STATES = frozenset({"installing", "rebooting", "health_check"})
-
-
-@dataclass(frozen=True, slots=True)
-class JobFacts:
-    """A read-only snapshot of a job: what the decisions depend on."""
-
-    job: str
-    kind: str = "model"
-    version: str = "1.0.0"
-    state: str = "received"
-    attempts: int = 0
-    next_try: float | None = None
-    resumes: int = 0
-    deferred_gates: tuple[str, ...] = ()  # gates that failed at the last deferral (in memory)
-    digest: str = ""
-
-    @classmethod
-    def of(cls, job: Job, deferred_gates: tuple[str, ...] = ()) -> JobFacts:
-        return cls(job=job.job, kind=job.kind, version=job.version, state=job.state,
-                   attempts=job.attempts, next_try=job.next_try, resumes=job.resumes,
-                   deferred_gates=deferred_gates, digest=job.digest)
-
-    @property
-    def final(self) -> bool:
-        return self.state in FINAL_JOB_STATES
 
 
 # ---------------------------------------------------------------------------------------- events

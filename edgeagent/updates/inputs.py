@@ -11,7 +11,7 @@ from edgeagent.core import protocol
 from edgeagent.core.errors import ChunkRejected, ManifestRejected, ProtocolError
 from edgeagent.updates import decide as d
 from edgeagent.updates import manifest
-from edgeagent.updates.jobs import Job
+from edgeagent.updates.jobs import Job, JobFacts
 
 if TYPE_CHECKING:
     from edgeagent.updates.component import UpdatesComponent
@@ -104,7 +104,7 @@ class Inputs:
         comp = self.comp
         existing = comp.journal.jobs.get(job_id)
         event, msg, m = self._examine(job_id, topic, payload)
-        facts = d.JobFacts.of(existing) if existing is not None else None
+        facts = JobFacts.of(existing) if existing is not None else None
         for decision in d.decide(facts, event):
             if isinstance(decision, d.Refuse):
                 comp.book.refuse(job_id, decision.reason, existing)
@@ -163,7 +163,7 @@ class Inputs:
         except (ProtocolError, ManifestRejected) as exc:
             problem = str(exc)
         job = comp.journal.jobs.get(job_id)
-        facts = d.JobFacts.of(job) if job is not None else None
+        facts = JobFacts.of(job) if job is not None else None
         for decision in d.decide(facts, d.CancelRequested(problem)):
             if isinstance(decision, d.Refuse):
                 log.warning("cancel refused: %s", decision.reason, extra={"kv": {"job": job_id}})

@@ -16,7 +16,7 @@ from edgeagent.core.tasks import cancel_and_wait
 from edgeagent.monitor.context import DeviceContext, build_context
 from edgeagent.updates import bundle, manifest
 from edgeagent.updates import decide as d
-from edgeagent.updates.jobs import Job
+from edgeagent.updates.jobs import Job, JobFacts
 from edgeagent.updates.transfer import Puller, Transfer, disk_free_bytes
 
 if TYPE_CHECKING:
@@ -40,8 +40,8 @@ class Performer:
     def close(self) -> None:
         self.comp.inputs.io.shutdown(wait=False)
 
-    def facts(self, job: Job) -> d.JobFacts:
-        return d.JobFacts.of(job, self._deferred_gates.get(job.job, ()))
+    def facts(self, job: Job) -> JobFacts:
+        return JobFacts.of(job, self._deferred_gates.get(job.job, ()))
 
     async def drive(self, job: Job) -> None:
         while not job.final:
