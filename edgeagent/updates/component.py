@@ -136,7 +136,7 @@ class UpdatesComponent:
         for t in list(self.transfers.values()):
             await asyncio.to_thread(t.close)
         self.transfers.clear()
-        self.performer.close()
+        self.inputs.close()
 
     async def run(self) -> None:
         if not self.live.config.updates.enabled:

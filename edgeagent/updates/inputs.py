@@ -35,6 +35,9 @@ class Inputs:
         # default-executor thread (which would keep freed chunk buffers as RSS)
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="updates-io")
 
+    def close(self) -> None:
+        self.io.shutdown(wait=False)
+
     def split_topic(self, topic: str) -> tuple[str, str] | None:
         """(job, rest) for a topic under our device's or one of our groups' updates."""
         t = self.comp.live.topics

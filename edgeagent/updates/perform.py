@@ -37,9 +37,6 @@ class Performer:
         self._deferred_gates: dict[str, tuple[str, ...]] = {}
         self._last_progress: dict[str, float] = {}
 
-    def close(self) -> None:
-        self.comp.inputs.io.shutdown(wait=False)
-
     def facts(self, job: Job) -> JobFacts:
         return JobFacts.of(job, self._deferred_gates.get(job.job, ()))
 
