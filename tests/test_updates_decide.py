@@ -37,7 +37,7 @@ from edgeagent.updates.decide import (
     StopJob,
     Wait,
 )
-from edgeagent.updates.jobs import JobFacts
+from edgeagent.updates.jobs import CANCELLABLE, JobFacts
 
 NOW = 1_800_000_000.0
 WED_10 = datetime(2026, 11, 25, 10, 0)  # a Wednesday
@@ -227,7 +227,7 @@ def test_failed_install() -> None:
 
 
 # ------------------------------------------------------------------------------------ cancel
-@pytest.mark.parametrize("state", sorted(d.CANCELLABLE))
+@pytest.mark.parametrize("state", sorted(CANCELLABLE))
 def test_cancel_in_each_cancellable_state_stops_then_finishes(state: str) -> None:
     assert d.decide(at(state), d.CancelRequested()) == (StopJob(), Finish("cancelled",
                                                                           "cancelled by operator"))
