@@ -111,7 +111,8 @@ def default_components(w: Wiring) -> list[Component]:
         sections["inference"] = inference.section
     rules = RulesComponent(w.live, w.metrics, w.outbox, w.router, w.sections, w.layers)
     updates = UpdatesComponent(w.live, w.metrics, w.outbox, w.router, model_installer=inference,
-                               inference_section=inference.section if inference is not None else None)
+                               inference_section=inference.section if inference is not None else None,
+                               rtt_ms=lambda: transport.mqtt_section().get("rtt_ms"))
     remote = RemoteConfigComponent(w.live, w.outbox, w.router, w.layers, w.request_restart)
     w.crash_listeners.append(remote.on_crash)
     components += [rules, updates, remote]

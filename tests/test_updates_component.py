@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent.core import protocol, signing
-from edgeagent.core.hub import Hub
+from edgeagent.core.live import LiveConfig, Metrics
 from edgeagent.ops.fleet.connect import BrokerUrl, connect_and_wait, make_client
 from edgeagent.ops.push import Pusher, build_manifest
-from edgeagent.transport import TransportComponent
 from edgeagent.updates import UpdatesComponent
+from tests import rig
 from tests.broker import Broker
+from tests.rig import wiring
 from tests.updates_helpers import (
     KEY_ID,
     MODEL,
@@ -35,9 +36,11 @@ Body = Callable[["Ctx"], Awaitable[None]]
 
 
 class Ctx:
-    def __init__(self, tmp: Path, broker: Broker, hub: Hub, comp: UpdatesComponent, key: Any,
-                 watcher: StatusWatcher, installer: FakeModelInstaller) -> None:
-        self.tmp, self.broker, self.hub, self.comp = tmp, broker, hub, comp
+    def __init__(self, tmp: Path, broker: Broker, live: LiveConfig, metrics: Metrics,
+                 comp: UpdatesComponent, key: Any, watcher: StatusWatcher,
+                 installer: FakeModelInstaller) -> None:
+        self.tmp, self.broker, self.comp = tmp, broker, comp
+        self.live, self.metrics = live, metrics
         self.key, self.watcher, self.installer = key, watcher, installer
 
     async def push(self, msg: dict[str, Any], artifact: Path, timeout_s: float = 30.0,
@@ -69,16 +72,15 @@ def run(tmp_path: Path, broker: Broker, body: Body, installer_fail: str = "",
     cfg = make_config(tmp_path, pub, broker.port, **sections)
 
     async def main() -> None:
-        hub = Hub(cfg)
+        w = wiring(cfg)
         installer = FakeModelInstaller(tmp_path / "store", fail=installer_fail)
         (tmp_path / "store").mkdir()
-        hub.model_installer = installer
         watcher = StatusWatcher(broker.port)
-        comp = UpdatesComponent(hub, local_now=local_now)
+        comp = UpdatesComponent(w.live, w.metrics, w.outbox, w.router, installer, local_now=local_now)
         try:
-            async with running(hub, TransportComponent(hub), comp):
-                await async_wait_until(lambda: hub.router.connected, 10, message="connected")
-                await body(Ctx(tmp_path, broker, hub, comp, key, watcher, installer))
+            async with running(rig.transport(w), comp):
+                await async_wait_until(lambda: w.router.connected, 10, message="connected")
+                await body(Ctx(tmp_path, broker, w.live, w.metrics, comp, key, watcher, installer))
         finally:
             watcher.close()
 
@@ -128,8 +130,19 @@ def test_hostile_inputs_over_mqtt(tmp_path: Path, broker: Broker) -> None:
         assert "not signed" in (await c.final("nosig"))["reason"]
         w.publish("edge/dev1/updates/mismatch/manifest", signed(MODEL, c.key, job="other-job"))
         assert "topic says" in (await c.final("mismatch"))["reason"]
-        # a manifest on another device's topic never reaches us
+        # refusals are reported, never journaled: no job exists for any of them
+        refused = {"bad-json", "bad-sig", "nosig", "mismatch", "other-job"}
+        assert not refused & c.comp.journal.jobs.keys() and not (c.tmp / "state/updates/other-job").exists()
+        # a manifest on another device's topic (or a group we are not in) never reaches us: after a
+        # sentinel published later by the same client has been refused, nothing of it is anywhere
+        jobs_before = dict(c.comp.journal.jobs)
         w.publish("edge/dev2/updates/foreign/manifest", signed(MODEL, c.key, job="foreign"))
+        w.publish("edge/group/line2/updates/foreign2/manifest", signed(MODEL, c.key, job="foreign2"))
+        w.publish("edge/dev1/updates/sentinel/manifest", b"{not json")
+        assert "malformed JSON" in (await c.final("sentinel"))["reason"]
+        assert c.comp.journal.jobs == jobs_before
+        assert w.state("foreign") is None and w.state("foreign2") is None
+        assert not (c.tmp / "state/updates/foreign").exists() and c.comp.dropped_chunks == 0
         # a bundle escaping its directory: rejected after download, before anything is installed
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w:gz") as tar:
@@ -165,7 +178,7 @@ def test_bad_chunks_dropped_and_rerequested(tmp_path: Path, broker: Broker) -> N
         msg = signed(MODEL, c.key, job="chunky", version="2.0.0", chunk_size=8192)
         base = "edge/dev1/updates/chunky"
         w.publish(f"{base}/manifest", msg)
-        await async_wait_until(lambda: "chunky" in c.comp._transfers, 10)
+        await async_wait_until(lambda: "chunky" in c.comp.transfers, 10)
         parts = [data[i:i + 8192] for i in range(0, len(data), 8192)]
         w.publish(f"{base}/chunk/0", b"\x00" * len(parts[0]))  # chunk_sha256 mismatch
         w.publish(f"{base}/chunk/1", parts[1] + b"x" * 10)  # oversized
@@ -188,7 +201,7 @@ def test_truncated_transfer_expires(tmp_path: Path, broker: Broker) -> None:
     async def body(c: Ctx) -> None:
         msg = signed(MODEL, c.key, job="trunc", version="2.0.0", chunk_size=4096, ttl_s=3.0)
         c.watcher.publish("edge/dev1/updates/trunc/manifest", msg)
-        await async_wait_until(lambda: "trunc" in c.comp._transfers, 10)
+        await async_wait_until(lambda: "trunc" in c.comp.transfers, 10)
         c.watcher.publish("edge/dev1/updates/trunc/chunk/0", MODEL.read_bytes()[:4096])
         doc = await c.final("trunc", 20)
         assert doc["state"] == "failed" and "missing when the job expired" in doc["reason"]
@@ -203,7 +216,7 @@ def test_gates_defer_then_apply_by_themselves(tmp_path: Path, broker: Broker) ->
     Then the busy flag defers a second job until it is cleared. Downloads run while gated."""
 
     async def body(c: Ctx) -> None:
-        c.hub.publish_metrics({"battery_percent": 8.0, "on_external_power": False})
+        c.metrics.publish({"battery_percent": 8.0, "on_external_power": False})
         msg = signed(MODEL, c.key, job="gated", version="2.0.0", chunk_size=4096)
         c.watcher.publish("edge/dev1/updates/gated/manifest", msg)
         task = asyncio.create_task(c.push(msg, MODEL))
@@ -211,18 +224,18 @@ def test_gates_defer_then_apply_by_themselves(tmp_path: Path, broker: Broker) ->
         doc = c.watcher.last["gated"]
         assert "battery 8% < 30%" in doc["reason"] and doc["next_try"] > time.time()
         assert c.comp.journal.jobs["gated"].progress == 1.0  # downloaded while gated
-        c.hub.publish_metrics({"battery_percent": 9.0, "on_external_power": True})
+        c.metrics.publish({"battery_percent": 9.0, "on_external_power": True})
         result = await task
         assert result.states == {"dev1": "succeeded"}
         await async_wait_until(lambda: c.watcher.events["gated"][-1:] == ["succeeded"], 10)
         assert c.watcher.events["gated"][-3:] == ["deferred", "installing", "succeeded"]
 
-        c.hub.set_busy("rules", "press cycle running")
+        c.live.set_busy("rules", "press cycle running")
         msg2 = signed(MODEL, c.key, job="busy", version="2.1.0", chunk_size=4096)
         task = asyncio.create_task(c.push(msg2, MODEL))
         await async_wait_until(lambda: c.watcher.state("busy") == "deferred", 20)
         assert "busy (rules: press cycle running)" in c.watcher.last["busy"]["reason"]
-        c.hub.set_busy("rules", None)
+        c.live.set_busy("rules", None)
         assert (await task).states == {"dev1": "succeeded"}
 
     run(tmp_path, broker, body, updates={"gates": {"model": {"battery_min_percent": 30.0,
@@ -260,7 +273,7 @@ def test_job_applies_by_itself_when_the_window_opens(tmp_path: Path, broker: Bro
         assert "next opens Wed 02:00" in doc["reason"]
         assert 1 <= doc["next_try"] - time.time() <= 31  # exactly when the window opens, not a backoff
         clock[0] += timedelta(minutes=1)  # 02:00:30: inside the window
-        c.hub.notify_changed()  # any context change re-evaluates at once
+        c.live.notify_changed()  # any context change re-evaluates at once
         assert (await task).states == {"dev1": "succeeded"}
 
     run(tmp_path, broker, body, local_now=lambda: clock[0],

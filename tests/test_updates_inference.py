@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from edgeagent.core.hub import Hub
+from edgeagent.core.live import LiveConfig, Metrics, OutboxRelay, RouterRelay
 from edgeagent.inference.pipeline import InferenceComponent
 from edgeagent.ops.fleet.connect import BrokerUrl, connect_and_wait, make_client
 from edgeagent.ops.push import Pusher
@@ -19,7 +20,7 @@ from edgeagent.transport import TransportComponent
 from edgeagent.updates import UpdatesComponent
 from tests.broker import Broker
 from tests.inference_helpers import RUNTIMES, SHIPPED, ScriptedSource
-from tests.updates_helpers import StatusWatcher, make_config, make_keys, running, signed
+from tests.updates_helpers import AttachRelays, StatusWatcher, make_config, make_keys, running, signed
 from tests.util import async_wait_until, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not RUNTIMES, reason="no TFLite runtime")]
@@ -63,8 +64,12 @@ def test_model_update_under_100hz_inference_loses_no_window(tmp_path: Path, brok
         inference = InferenceComponent(hub, source=src)
         results: list[object] = []
         inference.add_listener(results.append)
-        async with running(hub, TransportComponent(hub), inference, UpdatesComponent(hub)):
-            await async_wait_until(lambda: hub.router.connected and len(results) >= 50, 30)
+        outbox, router = OutboxRelay(), RouterRelay()
+        # the inference component is the ModelInstaller (structurally) and gives its own section
+        updates = UpdatesComponent(LiveConfig(cfg), Metrics(), outbox, router, inference, inference.section)
+        transport = TransportComponent(hub)
+        async with running(hub, transport, AttachRelays(hub, outbox, router), inference, updates):
+            await async_wait_until(lambda: router.connected and len(results) >= 50, 30)
             t0 = time.monotonic()
             result = await asyncio.to_thread(push)
             assert time.monotonic() - t0 < 60

@@ -65,10 +65,11 @@ def test_privileged_runner_through_the_real_handler(tmp_path: Path) -> None:
 
     def service() -> None:  # what edgeagent-installer.path + .service do: handle each request
         cfg = privileged.load_config(conf)
-        while not stop.is_set():
+        deadline = time.monotonic() + 60  # the test stops us long before; never outlive a hung one
+        while not stop.is_set() and time.monotonic() < deadline:
             if (state / "installer" / "request.json").exists():
                 privileged.handle_request(state, cfg)
-            time.sleep(0.02)
+            stop.wait(0.02)
 
     svc = threading.Thread(target=service, daemon=True)
     svc.start()

@@ -12,28 +12,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from edgeagent.agent import run_agent
+from edgeagent.agent import Wiring, run_agent
 from edgeagent.core import config as cfgmod
 from edgeagent.core import logs
-from edgeagent.core.hub import Hub
 from tests.updates_helpers import FakeModelInstaller
+
+GATE_DEADLINE_S = 120.0
 
 
 class FakeModels:
     name = "fake-models"
 
-    def __init__(self, hub: Hub, store: Path, gate: Path | None) -> None:
-        self.hub = hub
+    def __init__(self, store: Path, gate: Path | None) -> None:
         self.installer = FakeModelInstaller(store)
         self.gate = gate
 
     async def __aenter__(self) -> FakeModels:
         self.installer.store.mkdir(parents=True, exist_ok=True)
-        self.hub.model_installer = self.installer
         if self.gate is not None:
             self.installer.block.clear()
         return self
@@ -43,7 +43,12 @@ class FakeModels:
         return None
 
     async def run(self) -> None:
+        # the test writes the gate file only after kill -9 of an earlier run: poll a file (no other
+        # signal crosses processes), with a deadline so a broken test cannot hang an install forever
+        deadline = time.monotonic() + GATE_DEADLINE_S
         while self.gate is not None and not self.gate.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"install gate {self.gate} not opened within {GATE_DEADLINE_S:g} s")
             await asyncio.sleep(0.05)
         self.installer.block.set()
         await asyncio.Event().wait()
@@ -59,17 +64,21 @@ def main() -> int:
     logs.setup("INFO")
 
     def components(hub: Hub) -> list[Any]:
+        from edgeagent.updates.hub_bridge import updates_from_hub
+
         from edgeagent.transport import TransportComponent
-        from edgeagent.updates import UpdatesComponent
 
         out: list[Any] = [TransportComponent(hub)]
         if a.fake_models:
-            out.append(FakeModels(hub, a.fake_models, a.install_gate))
+            fake = FakeModels(hub, a.fake_models, a.install_gate)
+            out += [fake, updates_from_hub(hub, fake.installer)]
         elif cfg.inference.enabled:
             from edgeagent.inference.pipeline import InferenceComponent
 
-            out.append(InferenceComponent(hub))
-        out.append(UpdatesComponent(hub))
+            inference = InferenceComponent(hub)
+            out += [inference, updates_from_hub(hub, inference, inference.section)]
+        else:
+            out.append(updates_from_hub(hub))
         return out
 
     return asyncio.run(run_agent(cfg, components))

@@ -1,6 +1,6 @@
 """Shared pieces of the update tests: keys, manifests, configs, a status watcher, a model installer.
 
-`FakeModelInstaller` implements hub.ModelInstaller (our own seam) for tests that do not need the
+`FakeModelInstaller` implements updates.seams.ModelInstaller (our own seam) for tests that do not need the
 real interpreter; everything else here is real (ed25519, files, Mosquitto, processes).
 """
 
@@ -27,7 +27,7 @@ from edgeagent.core import protocol, signing
 from edgeagent.core.config_layers import dumps_toml
 from edgeagent.core.errors import ModelRejected, ModelRolledBack
 from edgeagent.core.fsutil import atomic_write_json
-from edgeagent.core.hub import Hub
+from edgeagent.core.tasks import cancel_and_wait
 from edgeagent.ops.push import build_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,7 +158,7 @@ class StatusWatcher:
 
 
 class FakeModelInstaller:
-    """hub.ModelInstaller for tests without an interpreter: copies into a store, remembers versions."""
+    """updates.seams.ModelInstaller without an interpreter: copies into a store, remembers versions."""
 
     def __init__(self, store: Path, fail: str = "") -> None:
         self.store = store
@@ -192,7 +192,7 @@ class FakeModelInstaller:
 
 
 @contextlib.asynccontextmanager
-async def running(hub: Hub, *components: Any) -> AsyncIterator[None]:
+async def running(*components: Any) -> AsyncIterator[None]:
     """Enter the components in order, run their run() loops, stop them in reverse order."""
     stack = contextlib.AsyncExitStack()
     tasks: list[asyncio.Task[None]] = []
@@ -204,7 +204,5 @@ async def running(hub: Hub, *components: Any) -> AsyncIterator[None]:
         yield
     finally:
         for t in reversed(tasks):
-            t.cancel()
-            with contextlib.suppress(BaseException):
-                await t
+            await cancel_and_wait(t)
         await stack.aclose()

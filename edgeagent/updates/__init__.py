@@ -1,5 +1,6 @@
 """Signed model and firmware updates over MQTT: manifest, transfer, bundle, jobs, installers."""
 
 from edgeagent.updates.component import UpdatesComponent
+from edgeagent.updates.seams import ModelInstaller
 
-__all__ = ["UpdatesComponent"]
+__all__ = ["ModelInstaller", "UpdatesComponent"]

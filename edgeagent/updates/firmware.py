@@ -9,8 +9,9 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-from edgeagent.core.hub import Hub
+from edgeagent.core.live import LiveConfig, Router
 from edgeagent.updates.installer_presets import parse_slot
 from edgeagent.updates.installers import FirmwareRunner, make_runner, run_argv
 from edgeagent.updates.jobs import Job, Journal
@@ -19,9 +20,15 @@ Transition = Callable[..., Awaitable[None]]  # (job, state, reason, **changes), 
 
 
 class FirmwareFlow:
-    def __init__(self, hub: Hub, journal: Journal, updates_dir: Path, transition: Transition,
-                 runner: FirmwareRunner | None = None) -> None:
-        self.hub = hub
+    """The firmware half of the installs; `inference_section` tells the health check that
+    inference serves again after the reboot (None: nothing to check beyond the config)."""
+
+    def __init__(self, live: LiveConfig, router: Router, journal: Journal, updates_dir: Path,
+                 transition: Transition, runner: FirmwareRunner | None = None,
+                 inference_section: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.live = live
+        self.router = router
+        self.inference_section = inference_section
         self.journal = journal
         self.updates_dir = updates_dir
         self.transition = transition
@@ -30,7 +37,7 @@ class FirmwareFlow:
 
     def runner(self) -> FirmwareRunner:
         if self._runner is None:
-            cfg = self.hub.config
+            cfg = self.live.config
             self._runner = make_runner(cfg.updates.firmware, Path(cfg.device.state_dir))
         return self._runner
 
@@ -41,7 +48,7 @@ class FirmwareFlow:
         res = await self.runner().run("slot", None, job.job, self._log_path(job))
         if not res.ok:
             return None
-        return parse_slot(self.hub.config.updates.firmware.installer, res.output)
+        return parse_slot(self.live.config.updates.firmware.installer, res.output)
 
     async def install(self, job: Job) -> None:
         if job.previous_slot is None:
@@ -65,12 +72,12 @@ class FirmwareFlow:
             await self.transition(job, "failed", res.describe("reboot"))
             return
         # A real reboot stops us here. If we are still alive long after, the reboot did not happen.
-        await asyncio.sleep(self.hub.config.updates.firmware.health_timeout_s)
+        await asyncio.sleep(self.live.config.updates.firmware.health_timeout_s)
         await self.runner().run("abort", None, job.job, self._log_path(job))
         await self.transition(job, "failed", "reboot requested but did not happen")
 
     async def after_reboot(self, job: Job) -> None:
-        fw = self.hub.config.updates.firmware
+        fw = self.live.config.updates.firmware
         attempts = job.boot_attempts + 1
         await self.transition(job, "health_check", f"boot attempt {attempts}", boot_attempts=attempts)
         if attempts > fw.max_boot_attempts:
@@ -104,18 +111,18 @@ class FirmwareFlow:
         """'' when healthy, else what failed. Broker, inference, then the optional command."""
         deadline = time.monotonic() + timeout_s
         try:
-            await asyncio.wait_for(self.hub.router.wait_connected(), timeout_s)
+            await asyncio.wait_for(self.router.wait_connected(), timeout_s)
         except asyncio.TimeoutError:
             return f"broker not reachable within {timeout_s:g} s"
-        if self.hub.config.inference.enabled:
+        if self.live.config.inference.enabled:
             while True:
-                section = self.hub.sections().get("inference", {})
+                section = self._inference()
                 if isinstance(section.get("count"), int) and section["count"] > 0:
                     break
                 if time.monotonic() > deadline:
                     return "inference is not running"
                 await asyncio.sleep(0.2)
-        fw = self.hub.config.updates.firmware
+        fw = self.live.config.updates.firmware
         if fw.health_command:
             remaining = max(1.0, deadline - time.monotonic())
             res = await run_argv(list(fw.health_command), min(remaining, fw.command_timeout_s),
@@ -123,6 +130,14 @@ class FirmwareFlow:
             if not res.ok:
                 return res.describe("health command")
         return ""
+
+    def _inference(self) -> dict[str, Any]:
+        if self.inference_section is None:
+            return {}
+        try:
+            return self.inference_section()
+        except Exception as exc:  # a failing section reads as "not running", as it did from the hub
+            return {"error": f"{type(exc).__name__}: {exc}"}
 
     async def rollback(self, job: Job, reason: str) -> None:
         res = await self.runner().run("mark-bad", None, job.job, self._log_path(job))

@@ -82,6 +82,31 @@ class Job:
                 "next_try": self.next_try}
 
 
+@dataclass(frozen=True, slots=True)
+class JobFacts:
+    """A read-only snapshot of a job: what the decisions depend on."""
+
+    job: str
+    kind: str = "model"
+    version: str = "1.0.0"
+    state: str = "received"
+    attempts: int = 0
+    next_try: float | None = None
+    resumes: int = 0
+    deferred_gates: tuple[str, ...] = ()  # gates that failed at the last deferral (in memory)
+    digest: str = ""
+
+    @classmethod
+    def of(cls, job: Job, deferred_gates: tuple[str, ...] = ()) -> JobFacts:
+        return cls(job=job.job, kind=job.kind, version=job.version, state=job.state,
+                   attempts=job.attempts, next_try=job.next_try, resumes=job.resumes,
+                   deferred_gates=deferred_gates, digest=job.digest)
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_JOB_STATES
+
+
 class Journal:
     """All jobs plus per-kind/name facts (newest issued_at, firmware record), in one JSON file."""
 

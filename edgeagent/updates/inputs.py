@@ -1,0 +1,183 @@
+"""What arrives over MQTT for updates (manifests, chunks, cancels): checked, then handed to decide.py."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from edgeagent.core import protocol
+from edgeagent.core.errors import ChunkRejected, ManifestRejected, ProtocolError
+from edgeagent.updates import decide as d
+from edgeagent.updates import manifest
+from edgeagent.updates.jobs import Job, JobFacts
+
+if TYPE_CHECKING:
+    from edgeagent.updates.component import UpdatesComponent
+
+log = logging.getLogger("edgeagent.updates.component")
+
+MAX_MANIFEST_BYTES = 256 * 1024
+
+
+class Inputs:
+    """The router's handler for our updates topics (the device's and each group's)."""
+
+    def __init__(self, comp: UpdatesComponent) -> None:
+        self.comp = comp
+        self.dropped_chunks = 0
+        self.rejected_chunks = 0
+        # the device topic and each group topic have their own worker: one manifest at a time, so
+        # the same job id cannot be accepted twice (or twice differently)
+        self._manifest_lock = asyncio.Lock()
+        # chunk writes on one thread of our own: in order, and one malloc arena instead of one per
+        # default-executor thread (which would keep freed chunk buffers as RSS)
+        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="updates-io")
+
+    def close(self) -> None:
+        self.io.shutdown(wait=False)
+
+    def split_topic(self, topic: str) -> tuple[str, str] | None:
+        """(job, rest) for a topic under our device's or one of our groups' updates."""
+        t = self.comp.live.topics
+        groups = self.comp.live.config.device.groups
+        bases = [f"{t.base}/updates/"] + [f"{t.prefix}/group/{g}/updates/" for g in groups]
+        for base in bases:
+            if topic.startswith(base):
+                job, _, rest = topic[len(base):].partition("/")
+                return job, rest
+        return None
+
+    async def on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            split = self.split_topic(topic)
+            if split is None:
+                return
+            job_id, rest = split
+            if rest in ("status", "request"):
+                return  # our own publications coming back
+            if not manifest.JOB_ID_RE.match(job_id):
+                self.comp.once.warning("bad-job-id", "update message with an invalid job id dropped: %s",
+                                       topic)
+                return
+            if rest == "manifest":
+                async with self._manifest_lock:
+                    await self.on_manifest(job_id, topic, payload)
+            elif rest.startswith("chunk/"):
+                await self.on_chunk(job_id, rest[6:], payload)
+            elif rest == "cancel":
+                await self.on_cancel(job_id, topic, payload)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("update message handling failed", extra={"kv": {"topic": topic}})
+
+    # ------------------------------------------------------------------ manifest
+    def _examine(self, job_id: str, topic: str, payload: bytes,
+                 ) -> tuple[d.ManifestReceived, dict[str, object] | None, manifest.Manifest | None]:
+        """Parse, verify and check: each stage's problem, for decide.on_manifest to weigh."""
+        if len(payload) > MAX_MANIFEST_BYTES:
+            problem = f"manifest larger than {MAX_MANIFEST_BYTES} bytes"
+            return d.ManifestReceived(parse_problem=problem), None, None
+        try:
+            msg = protocol.loads_object(topic, payload)
+        except ProtocolError as exc:
+            return d.ManifestReceived(parse_problem=f"manifest: {exc.reason}"), None, None
+        if msg.get("job") != job_id:
+            return d.ManifestReceived(parse_problem=f"manifest names job {msg.get('job')!r}, topic says "
+                                                    f"{job_id!r}"), None, None
+        digest = manifest.digest_of(msg)
+        if job_id in self.comp.journal.jobs:  # known: only the digest matters (no need to verify again)
+            return d.ManifestReceived(digest=digest), msg, None
+        if self.comp.keys_error:
+            problem = f"signature: {self.comp.keys_error}"
+            return d.ManifestReceived(digest=digest, signature_problem=problem), msg, None
+        try:
+            m = manifest.verify(msg, self.comp.trusted)
+        except ManifestRejected as exc:
+            return d.ManifestReceived(digest=digest, signature_problem=exc.reason), msg, None
+        try:
+            manifest.check(m, self.comp.checks(m))
+        except ManifestRejected as exc:
+            return d.ManifestReceived(digest=digest, check_problem=exc.reason), msg, m
+        return d.ManifestReceived(digest=digest), msg, m
+
+    async def on_manifest(self, job_id: str, topic: str, payload: bytes) -> None:
+        comp = self.comp
+        existing = comp.journal.jobs.get(job_id)
+        event, msg, m = self._examine(job_id, topic, payload)
+        facts = JobFacts.of(existing) if existing is not None else None
+        for decision in d.decide(facts, event):
+            if isinstance(decision, d.Refuse):
+                comp.book.refuse(job_id, decision.reason, existing)
+            elif isinstance(decision, d.Republish) and existing is not None:
+                log.info("manifest for known job %s received again: no-op", job_id)
+                comp.book.publish(existing)
+                ev = comp.chunk_events.get(job_id)
+                if ev is not None:
+                    ev.set()
+            elif isinstance(decision, (d.Reject, d.Accept)) and m is not None and msg is not None:
+                job = Job(job=m.job, kind=m.kind, name=m.name, version=m.version, digest=m.digest,
+                          manifest=dict(msg))
+                if isinstance(decision, d.Reject):
+                    # signed by a trusted key: remember it, so a replay of it is recognised as a no-op
+                    job.state, job.reason = "rejected", decision.reason
+                    await comp.book.add(job)
+                else:
+                    await comp.book.add(job, (f"{m.kind}/{m.name}", m.issued_at))
+                    comp.start(job)
+
+    # ------------------------------------------------------------------ chunks
+    async def on_chunk(self, job_id: str, index_text: str, data: bytes) -> None:
+        transfer = self.comp.transfers.get(job_id)
+        if transfer is None:
+            self.dropped_chunks += 1
+            return
+        if not index_text.isdigit() or len(index_text) > 9:
+            self.rejected_chunks += 1
+            self._chunk_problem(job_id, f"chunk topic index {index_text!r} is not a number")
+            return
+        try:
+            loop = asyncio.get_running_loop()
+            new = await loop.run_in_executor(self.io, transfer.write, int(index_text), data)
+        except ChunkRejected as exc:
+            self.rejected_chunks += 1
+            self._chunk_problem(job_id, str(exc))
+            return
+        if new:
+            ev = self.comp.chunk_events.get(job_id)
+            if ev is not None:
+                ev.set()
+
+    def _chunk_problem(self, job_id: str, reason: str) -> None:
+        self.comp.once.warning(f"chunk:{job_id}", "chunk dropped: %s", reason, extra={"kv": {"job": job_id}})
+        job = self.comp.journal.jobs.get(job_id)
+        if job is not None:
+            self.comp.book.note(job, f"chunk dropped: {reason}")
+
+    # ------------------------------------------------------------------ cancel
+    async def on_cancel(self, job_id: str, topic: str, payload: bytes) -> None:
+        comp = self.comp
+        problem = ""
+        try:
+            msg = protocol.loads_object(topic, payload)
+            manifest.verify_cancel(msg, job_id, comp.trusted)
+        except (ProtocolError, ManifestRejected) as exc:
+            problem = str(exc)
+        job = comp.journal.jobs.get(job_id)
+        facts = JobFacts.of(job) if job is not None else None
+        for decision in d.decide(facts, d.CancelRequested(problem)):
+            if isinstance(decision, d.Refuse):
+                log.warning("cancel refused: %s", decision.reason, extra={"kv": {"job": job_id}})
+                comp.outbox.emit_event("update", "warning", f"cancel of {job_id} refused: {decision.reason}",
+                                       {"job": job_id})
+            elif isinstance(decision, d.Ignore) and job is not None and not job.final:
+                log.warning("cancel of job %s ignored: already %s", job_id, job.state)
+                comp.outbox.emit_event("update", "warning", f"cancel of {job_id} too late: {job.state}",
+                                       {"job": job_id})
+            elif isinstance(decision, d.StopJob):
+                await comp.stop_job(job_id)
+            elif isinstance(decision, d.Finish) and job is not None:
+                await comp.book.transition(job, decision.state, decision.reason)
+                await comp.book.cleanup(job)

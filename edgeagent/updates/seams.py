@@ -1,0 +1,20 @@
+"""The seams the updates component calls through: owned here, implemented structurally elsewhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+
+class ModelInstaller(Protocol):
+    """The inference component's side of a model update (the updates component calls it)."""
+
+    async def install(self, staged_dir: Path, name: str, version: str, job: str) -> None:
+        """Copy `staged_dir` (model.tflite + optional model.toml, already verified and extracted
+        safely) into the model store, validate it in the background, hot-swap it and keep it on
+        probation until it has served real windows. Returns when it is the active model and has
+        served them; raises ModelRejected (never activated) or ModelRolledBack (failed in
+        probation, previous model active again), both carrying `.reason`."""
+
+    def installed_version(self, name: str) -> str | None:
+        """The active version of model `name`, or None."""
