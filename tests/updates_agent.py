@@ -63,22 +63,24 @@ def main() -> int:
     cfg = cfgmod.load(a.config)
     logs.setup("INFO")
 
-    def components(hub: Hub) -> list[Any]:
-        from edgeagent.updates.hub_bridge import updates_from_hub
-
+    def components(w: Wiring) -> list[Any]:
         from edgeagent.transport import TransportComponent
+        from edgeagent.updates import UpdatesComponent
 
-        out: list[Any] = [TransportComponent(hub)]
+        transport = TransportComponent(w.live, w.outbox, w.router, w.sections)
+        out: list[Any] = [transport]
+        link = (w.live, w.metrics, w.outbox, w.router)
         if a.fake_models:
-            fake = FakeModels(hub, a.fake_models, a.install_gate)
-            out += [fake, updates_from_hub(hub, fake.installer)]
+            fake = FakeModels(a.fake_models, a.install_gate)
+            out += [fake, UpdatesComponent(*link, fake.installer)]
         elif cfg.inference.enabled:
             from edgeagent.inference.pipeline import InferenceComponent
 
-            inference = InferenceComponent(hub)
-            out += [inference, updates_from_hub(hub, inference, inference.section)]
+            inference = InferenceComponent(w.live, w.outbox)
+            w.sections.bind({"inference": inference.section})
+            out += [inference, UpdatesComponent(*link, inference, inference.section)]
         else:
-            out.append(updates_from_hub(hub))
+            out.append(UpdatesComponent(*link, None))
         return out
 
     return asyncio.run(run_agent(cfg, components))
