@@ -75,9 +75,17 @@ def default_components(hub: Hub) -> list[Component]:
 
     components: list[Component] = [MonitorComponent(hub), TransportComponent(hub), TelemetryComponent(hub)]
     if hub.config.inference.enabled:  # a restart-only key; numpy + TFLite cost ~30 MiB, so only then
+        from typing import cast
+
+        from edgeagent.core.live import LiveConfig, Outbox
         from edgeagent.inference.pipeline import InferenceComponent
 
-        components.append(InferenceComponent(hub))
+        # interim until the agent holds a LiveConfig and an OutboxRelay (issue 14 wiring): the hub has
+        # what the component uses of both (config, changed, factor; emit_event), and stays current
+        inference = InferenceComponent(cast(LiveConfig, hub), cast(Outbox, hub))
+        hub.model_installer = inference
+        hub.providers["inference"] = inference.section
+        components.append(inference)
     components += [RulesComponent(hub), UpdatesComponent(hub), RemoteConfigComponent(hub)]
     return components
 

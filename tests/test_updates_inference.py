@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from edgeagent.core.hub import Hub
+from edgeagent.core.live import LiveConfig, OutboxRelay
 from edgeagent.inference.pipeline import InferenceComponent
 from edgeagent.ops.fleet.connect import BrokerUrl, connect_and_wait, make_client
 from edgeagent.ops.push import Pusher
@@ -60,7 +61,8 @@ def test_model_update_under_100hz_inference_loses_no_window(tmp_path: Path, brok
 
     async def main() -> tuple[InferenceComponent, list[object], object]:
         hub = Hub(cfg)
-        inference = InferenceComponent(hub, source=src)
+        inference = InferenceComponent(LiveConfig(cfg), OutboxRelay(), source=src)
+        hub.model_installer = inference  # the updates side gets the installer handed to it
         results: list[object] = []
         inference.add_listener(results.append)
         async with running(hub, TransportComponent(hub), inference, UpdatesComponent(hub)):

@@ -66,9 +66,16 @@ def main() -> int:
         if a.fake_models:
             out.append(FakeModels(hub, a.fake_models, a.install_gate))
         elif cfg.inference.enabled:
+            from typing import cast
+
+            from edgeagent.core.live import LiveConfig, Outbox
             from edgeagent.inference.pipeline import InferenceComponent
 
-            out.append(InferenceComponent(hub))
+            # as edgeagent.agent does until it holds a LiveConfig and an OutboxRelay (issue 14)
+            inference = InferenceComponent(cast(LiveConfig, hub), cast(Outbox, hub))
+            hub.model_installer = inference
+            hub.providers["inference"] = inference.section
+            out.append(inference)
         out.append(UpdatesComponent(hub))
         return out
 
