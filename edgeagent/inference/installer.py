@@ -13,8 +13,9 @@ import asyncio
 import concurrent.futures
 import logging
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from edgeagent.core.errors import ModelLoadError, ModelMetaError, ModelRejected, ModelRolledBack
 from edgeagent.core.fsutil import atomic_write_bytes
@@ -40,6 +41,7 @@ from edgeagent.inference.swap_fsm import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RECENT_WINDOWS = 16  # real windows kept to validate a candidate on
 ROLLBACK_STREAK = 3  # consecutive failing results of an active (post-probation) model -> roll back
@@ -137,11 +139,9 @@ class Installer:
             check_name("version", version)
         except ValueError as exc:
             raise ModelRejected(str(exc)) from exc
-        try:
-            await asyncio.wait_for(self.s.ready.wait(), READY_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        if not await _wait_set(self.s.ready, READY_TIMEOUT_S):
             raise ModelRejected(f"the inference pipeline is not serving (no model running for "
-                                f"{READY_TIMEOUT_S:g} s); cannot validate a new model") from None
+                                f"{READY_TIMEOUT_S:g} s); cannot validate a new model")
         active, runner = self.s.active, self.s.runner
         assert active is not None and runner is not None
         begun = self.fsm.begin(Candidate(name, version))
@@ -149,7 +149,7 @@ class Installer:
             raise ModelRejected(begun.reason)
         store = self.s.require_store()
         try:
-            vdir = await asyncio.to_thread(store.add, name, version, staged)
+            vdir = await _in_thread(store.add, name, version, staged)
         except (OSError, ValueError) as exc:
             raise ModelRejected(self.fsm.validation_failed(f"cannot store the model: {exc}").reason) from exc
         except BaseException:
@@ -157,14 +157,14 @@ class Installer:
             raise
         try:
             current = self.s.metas.get(active.tag)
-            checked = await asyncio.to_thread(
+            checked = await _in_thread(
                 validate, vdir, name, version, settings=self.settings(), window=self.s.window,
                 current=current, recent=list(self.s.recent),
                 latency_budget_ms=cfg.inference.latency_budget_ms)
             if not checked.declared:  # keep how it is read next to it, for restarts
                 src = store.version_dir(name, active.version) / META_FILE
                 if src.is_file():
-                    await asyncio.to_thread(lambda: atomic_write_bytes(vdir / META_FILE, src.read_bytes()))
+                    await _in_thread(lambda: atomic_write_bytes(vdir / META_FILE, src.read_bytes()))
         except ModelRejected as exc:
             self.fsm.validation_failed(exc.reason)
             await asyncio.to_thread(store.remove, name, version)
@@ -255,9 +255,10 @@ class Installer:
         while not outcome.done():
             deadline = self.fsm.deadline
             left = None if deadline is None else max(0.0, deadline - loop.time())
-            try:
-                await asyncio.wait_for(asyncio.shield(outcome), left)
-            except asyncio.TimeoutError:
+            # asyncio.wait, not wait_for: on 3.10/3.11 wait_for swallows our cancellation when the
+            # outcome lands at the same moment, and the install would commit after being cancelled
+            await asyncio.wait((outcome,), timeout=left)
+            if not outcome.done():
                 self._perform(self.fsm.tick(loop.time()))
         return outcome.result()
 
@@ -299,3 +300,29 @@ class Installer:
         self.outbox.emit_event("update", "warning", f"model {active.tag} failed after activation; rolled "
                                f"back to {tag}: {reason}", {"model": active.tag, "restored": tag,
                                                               "reason": reason})
+
+
+async def _wait_set(event: asyncio.Event, timeout_s: float) -> bool:
+    """`event` set within `timeout_s`. Unlike wait_for on 3.10/3.11, a cancellation of the caller is
+    never swallowed when the event is set at the same moment."""
+    if event.is_set():
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait((waiter,), timeout=timeout_s)
+    finally:
+        waiter.cancel()
+    return event.is_set()
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """asyncio.to_thread whose cancellation first lets the thread finish: the cleanup that follows
+    (deleting the candidate's directory) must not race a thread still writing into it."""
+    job = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        await asyncio.wait((job,))  # its outcome is moot now; a second cancellation stops this wait
+        if not job.cancelled():
+            job.exception()  # retrieved: the cancellation is what is reported
+        raise
