@@ -14,6 +14,7 @@ import numpy as np
 
 from edgeagent.core import config
 from edgeagent.core.live import LiveConfig, MemoryOutbox
+from edgeagent.core.tasks import cancel_and_wait
 from edgeagent.inference.pipeline import InferenceComponent, Scored
 from edgeagent.inference.runtime import available_runtimes
 from edgeagent.sensors.sources import VibrationSimulator
@@ -119,9 +120,7 @@ class Harness:
 
     async def __aexit__(self, *exc: object) -> None:
         if self.task is not None and not self.task.done():
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+            await cancel_and_wait(self.task)  # a cancellation of the test itself still arrives
         await self._stack.aclose()
 
     async def finished(self, timeout_s: float = 60.0) -> None:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from edgeagent.core.errors import ModelLoadError, ModelMetaError, ModelRejected, ModelRolledBack
 from edgeagent.core.fsutil import atomic_write_bytes
 from edgeagent.core.live import LiveConfig, Outbox
+from edgeagent.core.tasks import cancel_and_wait
 from edgeagent.inference.preprocess import ModelMeta, WindowSpec
 from edgeagent.inference.runner import ModelSlot, Runner
 from edgeagent.inference.runtime import LoadedModel
@@ -311,7 +312,7 @@ async def _wait_set(event: asyncio.Event, timeout_s: float) -> bool:
     try:
         await asyncio.wait((waiter,), timeout=timeout_s)
     finally:
-        waiter.cancel()
+        await cancel_and_wait(waiter)
     return event.is_set()
 
 
