@@ -154,7 +154,8 @@ class Installer:
         except (OSError, ValueError) as exc:
             raise ModelRejected(self.fsm.validation_failed(f"cannot store the model: {exc}").reason) from exc
         except BaseException:
-            self.fsm.cancel()
+            self.fsm.cancel()  # the copy has finished (_in_thread): whatever it made goes
+            await asyncio.to_thread(store.remove, name, version)
             raise
         try:
             current = self.s.metas.get(active.tag)
@@ -203,6 +204,7 @@ class Installer:
             swapped.add_done_callback(undo)
             self._outcome = None
             self.fsm.cancel()
+            await asyncio.to_thread(store.remove, name, version)  # a served interpreter keeps its mmap
             raise
         except RuntimeError as exc:  # the runner stopped: the pipeline was rebuilt meanwhile
             self._outcome = None
@@ -212,36 +214,19 @@ class Installer:
         step = max(1.0, self.live.factor("inference"))
         window_hz = max(0.1, self.s.window.rate_hz / self.s.window.stride / step)
         self._perform(self.fsm.swapped(loop.time(), max(30.0, 5.0 * cfg.probation_windows / window_hz)))
-        committed = False
         try:
             decision = await self._probation_outcome(outcome)
             if isinstance(decision, Commit):
-                activation = asyncio.ensure_future(asyncio.to_thread(store.activate, name, version))
-                try:
-                    rec = await asyncio.shield(activation)
-                except asyncio.CancelledError:
-                    # active.json is being written anyway: keep memory in step with disk, then stop
-                    self.s.active = await activation
-                    committed = True
-                    self.fsm.committed()
-                    raise
-                committed = True
-                self.s.active = rec
-                self.fsm.committed()
-                self.s.metas.pop(previous.tag, None)
-                self.outbox.emit_event("update", "info", f"model {slot.tag} active (was {previous.tag})",
-                                       {"model": slot.tag, "previous": previous.tag, "job": job,
-                                        "probation_windows": decision.served, **report})
+                await self._commit(store, decision, previous, job, report)
                 return
+        except BaseException:
+            if self.fsm.active != Candidate(name, version):  # not committed: undo it all
+                self._swap_back(runner, old)
+                await asyncio.to_thread(store.remove, name, version)
+            raise
         finally:
             self._outcome = None
-            if not committed:
-                # swap back at once, also on cancellation: the old model never stopped being active
-                runner.swap(old)
-                if self.fsm.phase is Phase.COMMITTING:  # writing active.json failed
-                    self.fsm.commit_failed("active.json was not written")
-                else:
-                    self.fsm.cancel()  # a no-op once decided
+        self._swap_back(runner, old)
         reason = decision.reason
         await asyncio.to_thread(store.remove, name, version)
         self.s.metas.pop(slot.tag, None)
@@ -249,6 +234,32 @@ class Installer:
                                f"model {slot.tag} rolled back to {previous.tag}: {reason}",
                                {"model": slot.tag, "restored": previous.tag, "job": job, "reason": reason})
         raise ModelRolledBack(f"{slot.tag}: {reason}; {previous.tag} is active again")
+
+    def _swap_back(self, runner: Runner, old: ModelSlot) -> None:
+        """At once, also on cancellation: the old model never stopped being the active one."""
+        runner.swap(old)
+        if self.fsm.phase is Phase.COMMITTING:  # writing active.json failed
+            self.fsm.commit_failed("active.json was not written")
+        else:
+            self.fsm.cancel()  # a no-op once decided
+
+    async def _commit(self, store: ModelStore, commit: Commit, previous: ActiveRecord, job: str,
+                      report: dict[str, Any]) -> None:
+        c, tag = commit.candidate, commit.candidate.tag
+        activation = asyncio.ensure_future(asyncio.to_thread(store.activate, c.name, c.version))
+        try:
+            rec = await asyncio.shield(activation)
+        except asyncio.CancelledError:
+            # active.json is being written anyway: keep memory in step with disk, then stop
+            self.s.active = await activation
+            self.fsm.committed()
+            raise
+        self.s.active = rec
+        self.fsm.committed()
+        self.s.metas.pop(previous.tag, None)
+        self.outbox.emit_event("update", "info", f"model {tag} active (was {previous.tag})",
+                               {"model": tag, "previous": previous.tag, "job": job,
+                                "probation_windows": commit.served, **report})
 
     async def _probation_outcome(self, outcome: asyncio.Future[Commit | Rollback]) -> Commit | Rollback:
         """Wait for the machine's verdict; at the deadline tell it the time (it then rolls back)."""
