@@ -127,7 +127,7 @@ def test_an_install_cancelled_at_each_await_point_leaves_disk_memory_and_runner_
                 phases.append(phase)
                 # the commit is the one point of no return; before it the old model keeps serving
                 assert serving == (f"{NAME}@{version}" if phase is Phase.COMMITTING else before), phase
-                kept = {v for v in ModelStore(state / "models").versions(NAME)}
+                kept = set(ModelStore(state / "models").versions(NAME))
                 assert f"{NAME}@{version}" == serving or version not in kept  # no candidate left behind
             else:
                 raise AssertionError("the install never completed")
