@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from edgeagent.core import config
-from edgeagent.core.hub import Hub, MemoryOutbox
+from edgeagent.core.live import LiveConfig, MemoryOutbox
+from edgeagent.core.tasks import cancel_and_wait
 from edgeagent.inference.pipeline import InferenceComponent, Scored
 from edgeagent.inference.runtime import available_runtimes
 from edgeagent.sensors.sources import VibrationSimulator
@@ -95,9 +96,7 @@ def bundle(tmp: Path, name: str, model: Path, meta: Path | None = None, version:
     return d
 
 
-def events(hub: Hub, kind: str | None = None) -> list[tuple[str, str, str, dict[str, Any]]]:
-    outbox = hub.outbox
-    assert isinstance(outbox, MemoryOutbox)
+def events(outbox: MemoryOutbox, kind: str | None = None) -> list[tuple[str, str, str, dict[str, Any]]]:
     return [(k, s, m, d) for k, s, m, d, _ts in outbox.events if kind is None or k == kind]
 
 
@@ -105,9 +104,10 @@ class Harness:
     """Runs an InferenceComponent (entered, run() as a task) and records every served window."""
 
     def __init__(self, cfg: config.Config, source: Any) -> None:
-        self.hub = Hub(cfg)
+        self.live = LiveConfig(cfg)
+        self.outbox = MemoryOutbox()
         self.source = source
-        self.comp = InferenceComponent(self.hub, source=source)
+        self.comp = InferenceComponent(self.live, self.outbox, source=source)
         self.results: list[Scored] = []
         self.comp.add_listener(self.results.append)
         self.task: asyncio.Task[None] | None = None
@@ -120,9 +120,7 @@ class Harness:
 
     async def __aexit__(self, *exc: object) -> None:
         if self.task is not None and not self.task.done():
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+            await cancel_and_wait(self.task)  # a cancellation of the test itself still arrives
         await self._stack.aclose()
 
     async def finished(self, timeout_s: float = 60.0) -> None:

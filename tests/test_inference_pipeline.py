@@ -42,7 +42,7 @@ def test_shipped_model_flags_faults_and_stays_quiet_when_healthy(tmp_path: Path,
 
     h = asyncio.run(main())
     assert [r.seq for r in h.results] == list(range(HEALTHY + FAULT + RECOVERED))
-    anomalies = events(h.hub, "anomaly")
+    anomalies = events(h.outbox, "anomaly")
     raised = [d["seq"] for _k, sev, _m, d in anomalies if sev == "warning"]
     cleared = [d["seq"] for _k, sev, _m, d in anomalies if sev == "info"]
     assert len(raised) == 1, anomalies  # one rising edge: hysteresis, no flapping
@@ -87,7 +87,7 @@ def test_20_swaps_under_a_100hz_stream_lose_and_duplicate_no_window(tmp_path: Pa
                 assert h.comp.installed_version("vibration-anomaly") == v
             src.stop()
             await h.finished()
-            return h, [d["model"] for _k, _s, _m, d in events(h.hub, "update")]
+            return h, [d["model"] for _k, _s, _m, d in events(h.outbox, "update")]
 
     h, activated = asyncio.run(main())
     seqs = [r.seq for r in h.results]
@@ -137,7 +137,7 @@ def test_a_model_that_fails_validation_is_never_activated(tmp_path: Path, model:
     assert h.comp.installed_version("vibration-anomaly") == "1.0.0"
     store = ModelStore(tmp_path / "state" / "models")
     assert store.versions("vibration-anomaly") == ["1.0.0"]  # the candidate's directory is gone
-    assert events(h.hub, "update") == []
+    assert events(h.outbox, "update") == []
 
 
 @pytest.mark.parametrize(("edit", "why"), [
@@ -190,7 +190,7 @@ def test_a_model_failing_during_probation_is_rolled_back(tmp_path: Path, fixture
     assert h.results[-1].model == "vibration-anomaly@1.0.0" and h.results[-1].result.ok
     assert h.comp.installed_version("vibration-anomaly") == "1.0.0"
     assert ModelStore(tmp_path / "state" / "models").versions("vibration-anomaly") == ["1.0.0"]
-    rolled = [e for e in events(h.hub, "update") if "rolled back" in e[2]]
+    rolled = [e for e in events(h.outbox, "update") if "rolled back" in e[2]]
     assert len(rolled) == 1 and rolled[0][3]["restored"] == "vibration-anomaly@1.0.0"
     seqs = [r.seq for r in h.results]
     assert seqs == list(range(len(seqs)))  # the rollback lost and repeated no window either
@@ -217,7 +217,7 @@ def test_a_model_failing_after_probation_is_rolled_back_automatically(tmp_path: 
             return h
 
     h = asyncio.run(main())
-    msgs = [m for _k, _s, m, _d in events(h.hub, "update")]
+    msgs = [m for _k, _s, m, _d in events(h.outbox, "update")]
     assert any("failed after activation; rolled back to vibration-anomaly@1.0.0" in m for m in msgs), msgs
     store = ModelStore(tmp_path / "state" / "models")
     rec = store.active("vibration-anomaly")
@@ -272,7 +272,7 @@ def test_power_save_serves_fewer_windows_deliberately(tmp_path: Path) -> None:
 
     async def main() -> Harness:
         h = Harness(make_config(tmp_path), src)
-        h.hub.slowdown["inference"] = 2.0
+        h.live.slowdown["inference"] = 2.0
         async with h:
             await h.finished()
         return h
@@ -322,7 +322,7 @@ def test_a_live_config_change_rebuilds_the_pipeline_and_seq_counts_on(tmp_path: 
         async with Harness(cfg, ScriptedSource(windows_hz=200.0)) as h:
             await h.until(lambda: len(h.results) >= 20, what="the pipeline serving")
             runner = h.comp.runner
-            h.hub.replace_config(dataclasses.replace(
+            h.live.replace(dataclasses.replace(
                 cfg, inference=dataclasses.replace(cfg.inference, num_threads=2, threshold=0.9)))
             await h.until(lambda: h.comp.runner not in (None, runner), what="a new runner")
             n = len(h.results)
@@ -342,14 +342,14 @@ def test_a_missing_delegate_is_reported_once_and_the_component_waits(tmp_path: P
 
     async def main() -> Harness:
         async with Harness(cfg, ScriptedSource(windows_hz=200.0)) as h:
-            await h.until(lambda: events(h.hub, "error"), what="the error event")
+            await h.until(lambda: events(h.outbox, "error"), what="the error event")
             assert h.task is not None and not h.task.done()  # waiting for new settings, not crash-looping
             assert "inference.delegate" in h.comp.section()["problem"]
-            h.hub.replace_config(dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference,
+            h.live.replace(dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference,
                                                                                         delegate="")))
             await h.until(lambda: len(h.results) >= 10, what="serving once the delegate is unset")
             return h
 
     h = asyncio.run(main())
-    assert len(events(h.hub, "error")) == 1
+    assert len(events(h.outbox, "error")) == 1
     assert "problem" not in h.comp.section()

@@ -11,16 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.core.hub import Hub
-from edgeagent.core.live import LiveConfig, Metrics, OutboxRelay, RouterRelay
 from edgeagent.inference.pipeline import InferenceComponent
 from edgeagent.ops.fleet.connect import BrokerUrl, connect_and_wait, make_client
 from edgeagent.ops.push import Pusher
-from edgeagent.transport import TransportComponent
 from edgeagent.updates import UpdatesComponent
+from tests import rig
 from tests.broker import Broker
 from tests.inference_helpers import RUNTIMES, SHIPPED, ScriptedSource
-from tests.updates_helpers import AttachRelays, StatusWatcher, make_config, make_keys, running, signed
+from tests.updates_helpers import StatusWatcher, make_config, make_keys, running, signed
 from tests.util import async_wait_until, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not RUNTIMES, reason="no TFLite runtime")]
@@ -60,16 +58,14 @@ def test_model_update_under_100hz_inference_loses_no_window(tmp_path: Path, brok
             client.loop_stop()
 
     async def main() -> tuple[InferenceComponent, list[object], object]:
-        hub = Hub(cfg)
-        inference = InferenceComponent(hub, source=src)
+        w = rig.wiring(cfg)
+        inference = InferenceComponent(w.live, w.outbox, source=src)
         results: list[object] = []
         inference.add_listener(results.append)
-        outbox, router = OutboxRelay(), RouterRelay()
         # the inference component is the ModelInstaller (structurally) and gives its own section
-        updates = UpdatesComponent(LiveConfig(cfg), Metrics(), outbox, router, inference, inference.section)
-        transport = TransportComponent(hub)
-        async with running(hub, transport, AttachRelays(hub, outbox, router), inference, updates):
-            await async_wait_until(lambda: router.connected and len(results) >= 50, 30)
+        updates = UpdatesComponent(w.live, w.metrics, w.outbox, w.router, inference, inference.section)
+        async with running(rig.transport(w), inference, updates):
+            await async_wait_until(lambda: w.router.connected and len(results) >= 50, 30)
             t0 = time.monotonic()
             result = await asyncio.to_thread(push)
             assert time.monotonic() - t0 < 60

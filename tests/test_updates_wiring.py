@@ -1,5 +1,5 @@
 """The updates component on its explicit dependencies alone (LiveConfig, Metrics, an outbox, a router):
-no Hub and no broker; messages go straight to the handler it subscribed, real files and ed25519."""
+no broker; messages go straight to the handler it subscribed, real files and ed25519."""
 
 from __future__ import annotations
 

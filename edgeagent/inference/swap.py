@@ -4,8 +4,8 @@ Validation runs in a background thread on the candidate's own interpreter (the s
 touched): it loads and allocates, its input/output agree with the pipeline's preprocessing (or with
 the model.toml it brings), its golden vectors (if any) reproduce, its outputs on the last real windows
 are finite, and its latency is within budget. It also warms the interpreter up, so the first window
-after the swap does not pay for lazy initialisation. Probation then watches real windows: one error or
-non-finite output and the previous model is swapped back.
+after the swap does not pay for lazy initialisation. Probation then watches real windows (decided in
+`swap_fsm`): one error or non-finite output and the previous model is swapped back.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import numpy.typing as npt
 
 from edgeagent.core.errors import ModelLoadError, ModelMetaError, ModelRejected, RuntimeUnavailable
 from edgeagent.inference.preprocess import ModelMeta, PreprocessSpec, WindowSpec, load_model_meta
-from edgeagent.inference.runner import Result
 from edgeagent.inference.runtime import LoadedModel, load_interpreter
 from edgeagent.inference.store import META_FILE, MODEL_FILE
+from edgeagent.inference.swap_fsm import FailureWatch as FailureWatch  # re-exported: tests, callers
+from edgeagent.inference.swap_fsm import Probation as Probation
 
 log = logging.getLogger(__name__)
 
@@ -207,48 +208,3 @@ def load_served(model_dir: Path, name: str, version: str, settings: LoadSettings
     else:
         meta = default_meta(name, version, model, window)
     return model, meta
-
-
-class Probation:
-    """Watches the first `windows` results of a newly swapped-in model (on the event loop)."""
-
-    def __init__(self, tag: str, windows: int) -> None:
-        self.tag = tag
-        self.needed = windows
-        self.served = 0
-        self.failure: str | None = None
-        self.first_seq: int | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.failure is not None or self.served >= self.needed
-
-    def observe(self, r: Result) -> bool:
-        """Count one result; True when probation just finished (passed or failed)."""
-        if r.tag != self.tag or self.done:
-            return False
-        if self.first_seq is None:
-            self.first_seq = r.seq
-        self.served += 1
-        if r.error is not None:
-            self.failure = f"invoke failed on window {r.seq}: {r.error}"
-        elif not r.ok:
-            self.failure = f"non-finite output on window {r.seq}"
-        return self.done
-
-
-class FailureWatch:
-    """After probation: `streak` consecutive failing results of the active model ask for a rollback."""
-
-    def __init__(self, streak: int = 3) -> None:
-        self.streak = streak
-        self.bad = 0
-        self.last_error = ""
-
-    def observe(self, r: Result) -> bool:
-        if r.ok:
-            self.bad = 0
-            return False
-        self.bad += 1
-        self.last_error = r.error or "non-finite output"
-        return self.bad == self.streak

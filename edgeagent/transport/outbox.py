@@ -1,4 +1,4 @@
-"""The hub's `Outbox` once the transport is up: everything goes into the spool first.
+"""The agent's `Outbox` once the transport is up: everything goes into the spool first.
 
 Calls are synchronous (callers are simple) and cost one short SQLite transaction on the caller's
 thread (WAL, no fsync); worker threads may call too. Each add wakes the publisher. A write that

@@ -136,7 +136,7 @@ class FirmwareFlow:
             return {}
         try:
             return self.inference_section()
-        except Exception as exc:  # a failing section reads as "not running", as it did from the hub
+        except Exception as exc:  # a failing section reads as "not running",
             return {"error": f"{type(exc).__name__}: {exc}"}
 
     async def rollback(self, job: Job, reason: str) -> None:
