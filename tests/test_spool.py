@@ -12,7 +12,7 @@ import pytest
 from edgeagent.core.errors import SpoolError
 from edgeagent.core.protocol import Topics
 from edgeagent.transport.publisher import group, live_ready
-from edgeagent.transport.session import backoff_s
+from edgeagent.core.backoff import backoff_s
 from edgeagent.transport.spool import KIND_SAMPLE, ROW_OVERHEAD_BYTES, Row, Spool
 
 TOPICS = Topics("edge", "dev1")

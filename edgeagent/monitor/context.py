@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from edgeagent.core.backoff import backoff_s
 from edgeagent.core.config import GateConfig
 from edgeagent.core.windows import next_open, parse_window
 
@@ -95,9 +96,7 @@ def next_try_s(attempt: int, cfg: GateConfig, failures: list[GateFailure], ctx: 
                rng: random.Random | None = None) -> float:
     """Seconds until the next evaluation: exponential backoff with full jitter in [0.5, 1] of the
     capped delay; when only the window gate fails, exactly when the next window opens."""
-    r = rng or random
-    delay = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2.0 ** max(0, attempt - 1))
-    delay *= float(r.uniform(0.5, 1.0))
+    delay = backoff_s(attempt, cfg.backoff_initial_s, cfg.backoff_max_s, rng)
     if failures and all(f.gate == "window" for f in failures):
         windows = tuple(parse_window(w) for w in cfg.maintenance_windows)
         nxt = next_open(windows, ctx.now)

@@ -3,8 +3,8 @@
 from edgeagent.transport.component import TransportComponent
 from edgeagent.transport.outbox import SampleSink, SpoolOutbox
 from edgeagent.transport.router import SessionRouter
-from edgeagent.transport.session import ConnectFailed, Session, backoff_s
+from edgeagent.transport.session import ConnectFailed, Session
 from edgeagent.transport.spool import Spool
 
 __all__ = ["ConnectFailed", "SampleSink", "Session", "SessionRouter", "Spool", "SpoolOutbox",
-           "TransportComponent", "backoff_s"]
+           "TransportComponent"]

@@ -15,7 +15,6 @@ import contextlib
 import itertools
 import json
 import logging
-import random
 import ssl
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgeagent.core.backoff import backoff_s
 from edgeagent.core.config import Config, MqttConfig
 from edgeagent.core.errors import EdgeAgentError
 from edgeagent.core.logs import Once
@@ -53,12 +53,6 @@ class ConnectFailed(EdgeAgentError):
         self.port = port
         self.reason = reason
         super().__init__(f"cannot connect to {host}:{port}: {reason}")
-
-
-def backoff_s(attempt: int, initial_s: float, max_s: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with jitter: attempt 1 waits about initial_s, doubling up to max_s."""
-    base = min(max_s, initial_s * 2 ** max(0, min(attempt - 1, 40)))
-    return float(base * (rng or random).uniform(0.5, 1.0))
 
 
 class _PahoErrors(logging.Handler):
