@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from edgeagent.core.backoff import backoff_s
 from edgeagent.core.errors import SpoolError
 from edgeagent.core.protocol import Topics
 from edgeagent.transport.publisher import group, live_ready
-from edgeagent.core.backoff import backoff_s
 from edgeagent.transport.spool import KIND_SAMPLE, ROW_OVERHEAD_BYTES, Row, Spool
 
 TOPICS = Topics("edge", "dev1")
