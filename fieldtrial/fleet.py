@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent.core.config_layers import dumps_toml
+from fieldtrial.records import RssSample
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,7 +116,7 @@ class AgentProc:
         self.terms = 0  # SIGTERM by the trial (firmware reboots, the final stop)
         self.unexpected: list[str] = []  # exits nobody caused
         self.exit_codes: list[int] = []
-        self.rss_mb: list[tuple[float, float]] = []  # (monotonic, MB)
+        self.rss_mb: list[RssSample] = []  # every read, live or not, in order
         # per process: [samples, max seq] at the first and the latest health.json it wrote
         self._tele: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}
         self._given_up: dict[int, int] = {}  # per process: the spool section's `lost` (entries given up)
@@ -199,20 +200,24 @@ class AgentProc:
             self.exit_codes.append(rc)
         return rc
 
-    def sample_rss(self) -> float | None:
-        pid = self.pid
-        if pid is None:
+    def sample_rss(self) -> RssSample | None:
+        """Read VmRSS of the current process and keep the sample, live or not (the report decides
+        what counts); None when there is no process to read."""
+        proc = self.proc  # one snapshot: a kill and restart may swap it from another thread
+        if proc is None:
             return None
+        mb: float | None = None
         try:
-            with open(f"/proc/{pid}/status") as f:
+            with open(f"/proc/{proc.pid}/status") as f:
                 for line in f:
                     if line.startswith("VmRSS:"):
                         mb = int(line.split()[1]) / 1024
-                        self.rss_mb.append((time.monotonic(), mb))
-                        return mb
+                        break
         except OSError:
-            return None
-        return None
+            pass  # reaped already: not a sample of anything, recorded as missing
+        sample = RssSample(time.monotonic(), proc.pid, mb)
+        self.rss_mb.append(sample)
+        return sample
 
     def health(self) -> dict[str, Any]:
         try:

@@ -9,12 +9,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fieldtrial.records import FaultRecord, RssSample
 from fieldtrial.updates import EXPECTED
 
 if TYPE_CHECKING:
     from fieldtrial.fleet import AgentProc
     from fieldtrial.recorder import Recorder
-    from fieldtrial.run import FaultRecord
     from fieldtrial.updates import UpdateCase
 
 RECOVERY_MAX_S = 60.0  # the fleet must be fully back within this after any fault ...
@@ -22,9 +22,9 @@ RECOVERY_MAX_S = 60.0  # the fleet must be fully back within this after any faul
 # the jumped device's telemetry must keep arriving, checked when no link/broker fault overlaps
 CLOCK_JUMP_MAX_S = 10.0
 NETWORK_FAULTS = ("link-flaky", "link-stall", "link-down", "broker-restart")
-RSS_GROWTH_MAX_MB = 40.0  # end RSS may exceed the start by at most this ...
+RSS_GROWTH_MAX_MB = 40.0  # a process's end RSS may exceed its start by at most this ...
 RSS_GROWTH_MAX_RATIO = 0.5  # ... plus this fraction of the start
-RSS_SETTLE_S = 10.0  # the "start" RSS is the first sample this long after the first start
+RSS_SETTLE_S = 10.0  # a process's "start" RSS is its first live sample this long after its first one
 _CRASH_RE = re.compile(r"component (\S+) crashed; restarting")
 
 
@@ -37,7 +37,6 @@ class TrialData:
     agents: dict[str, AgentProc]
     produced: dict[str, dict[str, int]]
     exit_codes: dict[str, int | None]
-    rss_end: dict[str, float | None]
     faults: list[FaultRecord]
     cases: list[UpdateCase]
     collector: list[dict[str, Any]]
@@ -103,13 +102,52 @@ def recovery_s(arrivals: dict[str, list[float]], end: float) -> tuple[float | No
     return worst, slowest
 
 
-def rss_start(agent: AgentProc) -> float | None:
-    samples = agent.rss_mb
-    if not samples:
-        return None
-    first = samples[0][0]
-    settled = [mb for t, mb in samples if t - first >= RSS_SETTLE_S]
-    return settled[0] if settled else samples[-1][1]
+@dataclass(frozen=True, slots=True)
+class RssGrowth:
+    """One process generation's memory: its settled start and its last live sample."""
+
+    pid: int
+    start_mb: float
+    end_mb: float
+
+    @property
+    def bound_mb(self) -> float:
+        return RSS_GROWTH_MAX_MB + RSS_GROWTH_MAX_RATIO * self.start_mb
+
+    @property
+    def ok(self) -> bool:
+        return self.end_mb - self.start_mb <= self.bound_mb
+
+
+def rss_growth(samples: list[RssSample], settle_s: float = RSS_SETTLE_S) -> list[RssGrowth]:
+    """Growth per process generation, in order of first appearance. A missing or zero VmRSS (a
+    killed, exiting or just-exec'd process) is not a sample, and one process's memory is never
+    compared with another's: comparing a restart's start with a survivor's end was the flake. A
+    generation that never lived `settle_s` past its first live sample is not judged (its growth
+    is start-up, not a leak)."""
+    live: dict[int, list[tuple[float, float]]] = {}  # pid -> (at_s, mb)
+    for s in samples:
+        if s.mb is not None and s.mb > 0:
+            live.setdefault(s.pid, []).append((s.at_s, s.mb))
+    out: list[RssGrowth] = []
+    for pid, gen in live.items():
+        first = gen[0][0]
+        settled = [mb for at_s, mb in gen if at_s - first >= settle_s]
+        if settled:
+            out.append(RssGrowth(pid, settled[0], gen[-1][1]))
+    return out
+
+
+def rss_problems(device: str, samples: list[RssSample]) -> list[str]:
+    """The RSS part of the verdict: one line per process that outgrew its bound."""
+    return [f"{device}: RSS of pid {g.pid} grew from {g.start_mb:.0f} MB to {g.end_mb:.0f} MB (bound: +"
+            f"{RSS_GROWTH_MAX_MB:.0f} MB + {RSS_GROWTH_MAX_RATIO:.0%})"
+            for g in rss_growth(samples) if not g.ok]
+
+
+def worst_rss(samples: list[RssSample]) -> RssGrowth | None:
+    """The generation closest to (or furthest over) its bound, for the table."""
+    return max(rss_growth(samples), key=lambda g: g.end_mb - g.start_mb - g.bound_mb, default=None)
 
 
 def component_crashes(agent: AgentProc) -> dict[str, int]:
@@ -160,11 +198,7 @@ def evaluate(d: TrialData) -> Verdict:
             v.problems.append(f"{name}: {len(a.unexpected)} unexpected exit(s): {'; '.join(a.unexpected)}")
         if d.exit_codes.get(name) != 0:
             v.problems.append(f"{name}: final SIGTERM stop exited with {d.exit_codes.get(name)} (want 0)")
-        start, end = rss_start(a), d.rss_end.get(name)
-        bound = RSS_GROWTH_MAX_MB + RSS_GROWTH_MAX_RATIO * (start or 0.0)
-        if start is not None and end is not None and end - start > bound:
-            v.problems.append(f"{name}: RSS grew from {start:.0f} MB to {end:.0f} MB (bound: +"
-                              f"{RSS_GROWTH_MAX_MB:.0f} MB + {RSS_GROWTH_MAX_RATIO:.0%})")
+        v.problems.extend(rss_problems(name, a.rss_mb))
     for u in d.cases:
         if not u.ok:
             v.problems.append(f"update {u.job} ({u.case}): ended {u.final or 'without a final state'}, want "
@@ -242,14 +276,17 @@ def render(d: TrialData, v: Verdict) -> str:
              f"component restarts, ERROR lines (log)")
     for name in d.names:
         a = d.agents[name]
-        start, end = rss_start(a), d.rss_end.get(name)
-        mx = max((mb for _, mb in a.rss_mb), default=None)
+        g = worst_rss(a.rss_mb)
+        start, end = (g.start_mb, g.end_mb) if g is not None else (None, None)
+        mx = max((s.mb for s in a.rss_mb if s.mb is not None), default=None)
         comp = component_crashes(a)
         L.append(f"{name:<10} {a.starts:>6} {a.kills:>7} {a.terms:>7} {len(a.unexpected):>7} "
                  f"{d.exit_codes.get(name)!s:>7} {_mb(start):>12} {_mb(end):>10} {_mb(mx):>10}  "
                  f"{', '.join(f'{k}={n}' for k, n in sorted(comp.items())) or '-'}")
-    L.append(f"RSS bound: end <= start + {RSS_GROWTH_MAX_MB:.0f} MB + {RSS_GROWTH_MAX_RATIO:.0%} of start "
-             f"(start = first sample {RSS_SETTLE_S:.0f} s after the first start; restarts reset it)")
+    L.append(f"RSS bound, per process: end <= start + {RSS_GROWTH_MAX_MB:.0f} MB + "
+             f"{RSS_GROWTH_MAX_RATIO:.0%} of start (start = its first live sample {RSS_SETTLE_S:.0f} s after "
+             f"its first, end = its last; a restart is a new process; the table shows the process "
+             f"nearest its bound)")
     L.append("crashes = exits the trial did not cause; component restarts = 'component X crashed; "
              "restarting' in the agent's log (supervised restarts inside a running process)")
     L.append("")

@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,23 +31,13 @@ from fieldtrial.clock import ClockControl, build_shim
 from fieldtrial.fleet import AgentProc, AgentSpec, Broker, Collector, wait_for
 from fieldtrial.proxy import FaultProxy
 from fieldtrial.recorder import Recorder
+from fieldtrial.records import FaultRecord
 from fieldtrial.schedule import CYCLE_S, Step, make_schedule
 from fieldtrial.updates import Artifacts, UpdateCase, push
 
 TMPFS_MB = 24
 FINAL = ("rejected", "succeeded", "failed", "rolled_back", "cancelled")
 RSS_EVERY_S = 2.0
-
-
-@dataclass
-class FaultRecord:
-    name: str
-    target: str
-    start: float  # monotonic
-    end: float
-    detail: str
-    skipped: bool = False
-    wall: float = 0.0  # time.time() at the start, to line up with the agents' logs
 
 
 class Trial:
@@ -414,7 +403,8 @@ class Trial:
             if not wait_for(drained, 90, 0.2):
                 spool = agent.health().get("sections", {}).get("spool")
                 self.say(f"NOTE {name}: spool not empty after 90 s ({spool})")
-        rss_end = {n: a.sample_rss() for n, a in self.agents.items()}
+        for a in self.agents.values():
+            a.sample_rss()  # the end of the last process's RSS record, taken after the drain
         exit_codes: dict[str, int | None] = {}
         for name, agent in self.agents.items():
             with self.locks[name]:
@@ -453,7 +443,7 @@ class Trial:
             self.notes.append(f"collector figures unavailable: {exc}")
         data = report.TrialData(
             seed=self.seed, cycles=self.cycles, names=self.names, recorder=self.recorder, agents=self.agents,
-            produced=produced, exit_codes=exit_codes, rss_end=rss_end, faults=self.faults, cases=self.cases,
+            produced=produced, exit_codes=exit_codes, faults=self.faults, cases=self.cases,
             collector=collector_rows, t0=self.t0, notes=self.notes, link_method=self.link_method,
             proxy_resets=self.proxy.resets if self.proxy else 0, broker_starts=self.broker.starts)
         verdict = report.evaluate(data)

@@ -23,7 +23,7 @@ from edgeagent.agent import Agent, Component, Wiring
 from edgeagent.core import config
 from edgeagent.core.live import MemoryOutbox
 from edgeagent.core.sdnotify import Notifier
-from tests.util import wait_until
+from tests.util import async_wait_until, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,8 +101,8 @@ def test_notify_ready_watchdog_stopping_in_order(tmp_path: Path, abstract: bool)
 
         async def main() -> int:
             task = asyncio.create_task(agent.run())
-            while sum(1 for line in dg.lines() if line == "WATCHDOG=1") < 2:
-                await asyncio.sleep(0.01)
+            await async_wait_until(lambda: dg.lines().count("WATCHDOG=1") >= 2, 5,
+                                   message="two watchdog pings")
             agent.request_stop("test")
             return await asyncio.wait_for(task, 10)
 
@@ -150,15 +150,15 @@ def test_blocked_event_loop_stops_watchdog_pings(tmp_path: Path) -> None:
 
         async def main() -> tuple[float, float]:
             task = asyncio.create_task(agent.run())
-            while dg.lines().count("WATCHDOG=1") < 3:
-                await asyncio.sleep(0.01)
+            await async_wait_until(lambda: dg.lines().count("WATCHDOG=1") >= 3, 5,
+                                   message="three watchdog pings")
             t_block = time.monotonic()
             blocker.go.set()
             await blocker.done.wait()
             t_unblock = time.monotonic()
             n = dg.lines().count("WATCHDOG=1")
-            while dg.lines().count("WATCHDOG=1") < n + 3:  # pings resume once the loop is free
-                await asyncio.sleep(0.01)
+            await async_wait_until(lambda: dg.lines().count("WATCHDOG=1") >= n + 3, 5,  # pings resume
+                                   message="watchdog pings after the loop was unblocked")
             agent.request_stop("test")
             await asyncio.wait_for(task, 10)
             return t_block, t_unblock
@@ -199,13 +199,10 @@ def test_crashing_component_is_restarted_and_reported(tmp_path: Path) -> None:
         st = agent.states["crasher"]
         assert st.restarts == 2 and st.last_error == "RuntimeError: boom 2" and st.state == "running"
         assert agent.states["other"].state == "running"  # the others were never disturbed
-        await asyncio.sleep(0)  # health writer runs every 0.1 s: wait for it with a deadline
-        path = agent.config.state_dir / "health.json"
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            if path.exists() and json.loads(path.read_text())["components"]["crasher"]["restarts"] == 2:
-                break
-            await asyncio.sleep(0.02)
+        path = agent.config.state_dir / "health.json"  # the health writer runs every 0.1 s
+        await async_wait_until(
+            lambda: path.exists() and json.loads(path.read_text())["components"]["crasher"]["restarts"] == 2,
+            5, message="health.json reporting 2 crasher restarts")
         health = json.loads(path.read_text())
         assert health["components"]["crasher"]["restarts"] == 2 and health["state"] == "running"
         agent.request_stop()
@@ -228,10 +225,8 @@ def test_crash_loop_is_reported_as_critical(tmp_path: Path) -> None:
         task = asyncio.create_task(agent.run())
         outbox = agent.wiring.outbox.target
         assert isinstance(outbox, MemoryOutbox)
-        deadline = time.monotonic() + 10
-        while not any(e[1] == "critical" for e in outbox.events):
-            assert time.monotonic() < deadline, "no crash-loop event"
-            await asyncio.sleep(0.01)
+        await async_wait_until(lambda: any(e[1] == "critical" for e in outbox.events), 10,
+                               message="a critical crash-loop event")
         assert agent.states["crasher"].crash_loop and agent.states["crasher"].state == "failed"
         agent.request_stop()
         await asyncio.wait_for(task, 10)
@@ -258,8 +253,7 @@ def test_stop_is_bounded_by_shutdown_timeout_and_reverse_order(tmp_path: Path) -
 
     async def main() -> tuple[int, float]:
         task = asyncio.create_task(agent.run())
-        while agent.state != "running":
-            await asyncio.sleep(0.01)
+        await async_wait_until(lambda: agent.state == "running", 10, message="agent running")
         t0 = time.monotonic()
         agent.request_stop()
         code = await asyncio.wait_for(task, 10)
@@ -317,8 +311,7 @@ def test_restart_request_stops_cleanly_with_the_restart_exit_code(tmp_path: Path
 
     async def main() -> int:
         task = asyncio.create_task(agent.run())
-        while agent.state != "running":
-            await asyncio.sleep(0.01)
+        await async_wait_until(lambda: agent.state == "running", 10, message="agent running")
         agent.wiring.request_restart("config rollback needs mqtt.port")
         return await asyncio.wait_for(task, 10)
 
