@@ -26,9 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeagent.ops.mosquitto import Broker, wait_for
 from fieldtrial import report
 from fieldtrial.clock import ClockControl, build_shim
-from fieldtrial.fleet import AgentProc, AgentSpec, Broker, Collector, wait_for
+from fieldtrial.fleet import AgentProc, AgentSpec, Collector
 from fieldtrial.proxy import FaultProxy
 from fieldtrial.recorder import Recorder
 from fieldtrial.records import FaultRecord

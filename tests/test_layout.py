@@ -151,6 +151,16 @@ def test_runtime_folders_do_not_reach_into_the_agent_or_cli() -> None:
     assert {m: d for m, d in bad.items() if d} == {}
 
 
+def test_the_wheel_never_imports_the_field_trial_or_the_tests() -> None:
+    """They are not in the wheel: an import of them would break every installed agent."""
+    bad = []
+    for mod, path in MODS.items():
+        for node in _imports(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            bad += [(mod, n) for n in names if n.split(".")[0] in ("fieldtrial", "tests")]
+    assert bad == []
+
+
 def test_no_runtime_module_over_600_lines() -> None:
     long = {m: n for m in RUNTIME if (n := len(MODS[m].read_text().splitlines())) > MAX_LINES}
     assert long == {}

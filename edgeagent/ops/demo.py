@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fieldtrial.fleet import MOSQUITTO, Broker
+from edgeagent.ops.mosquitto import MOSQUITTO, Broker
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: the demo runs configs/dev.toml
 DEV_CONFIG = ROOT / "configs" / "dev.toml"
 
 
