@@ -173,7 +173,7 @@ def test_a_bad_config_is_rejected_with_its_key_path_and_changes_nothing(dev: Dev
         assert dev.live.config.telemetry.interval_s == 5.0
         for partial, reason in [
             ({"device": {"state_dir": "/"}}, "device.state_dir is local-only"),
-            ({"mqtt": {"password": "${HOME}"}}, "config.mqtt.password: ${VAR} substitution is for the local"),
+            ({"busy": {"topic": "${HOME}"}}, "config.busy.topic: ${VAR} substitution is for the local"),
             ({"telemetry": {"interval_s": None}}, "config.telemetry.interval_s: null is not a config value"),
         ]:
             await dev.push(dev.desired(dev.comp.state.seen_version + 1, partial))
