@@ -110,7 +110,7 @@ def test_no_rule_may_set_a_local_only_key(tmp_path: Path) -> None:
     assert dev.live.config.telemetry.interval_s == 5.0
     # and the layer itself holds should a future caller get past parse_action
     layers = dev.comp.layers
-    with pytest.raises(ConfigError, match="mqtt.host is local-only"):
+    with pytest.raises(ConfigError, match=r"mqtt\.host is local-only"):
         layers.set_override("rule:evil", {"mqtt": {"host": "evil.example"}})
     assert layers.overrides == {} and dev.live.config.mqtt.host == "127.0.0.1"
 
@@ -201,7 +201,7 @@ def test_a_persisted_layer_holding_a_local_only_key_is_given_up_at_start(dev: De
         'version = 3\nsha256 = ""\nconfirmed = true\n[config.telemetry]\ninterval_s = 9\n'
         '[config.mqtt.tls]\ninsecure_skip_verify = true\n'
         '[good]\nversion = 2\n[good.config.telemetry]\ninterval_s = 2\n')
-    cfg, layers = load_effective(dev.path, starting=True)
+    cfg, _ = load_effective(dev.path, starting=True)
     assert (cfg.telemetry.interval_s, cfg.mqtt.tls.insecure_skip_verify) == (2.0, False)
     st = read_applied(state)
     assert st is not None and st.report["state"] == "rolled_back"
@@ -216,7 +216,7 @@ def test_dry_run_errors_carry_the_os_error(tmp_path: Path) -> None:
     try:
         if os.access(unreadable, os.R_OK):
             pytest.skip("running as root: permissions do not stop reads")
-        with pytest.raises(ConfigError, match="monitor.battery_file: cannot use .*: Permission denied"):
+        with pytest.raises(ConfigError, match=r"monitor\.battery_file: cannot use .*: Permission denied"):
             dev.comp.layers.dry_run({"monitor": {"battery_file": str(unreadable)}},
                                     dev.comp.layers.build({"monitor": {"battery_file": str(unreadable)}}))
     finally:
