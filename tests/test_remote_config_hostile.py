@@ -24,12 +24,12 @@ TELEMETRY = {"telemetry": {"interval_s": 1}}  # rides along: proves that nothing
 
 # one desired-config fragment per local-only key, and the key path the rejection must name
 LOCAL_ONLY_CASES: list[tuple[dict[str, Any], str]] = [
-    ({"updates": {"trusted_keys": {"evil": "/tmp/evil.pem"}}}, "updates.trusted_keys.evil"),
+    ({"updates": {"trusted_keys": {"evil": "/tmp/evil.pem"}}}, "updates.trusted_keys"),
     ({"updates": {"trusted_keys": {}}}, "updates.trusted_keys"),
     ({"updates": {"firmware": {"installer": "script"}}}, "updates.firmware.installer"),
     ({"updates": {"firmware": {"mode": "direct"}}}, "updates.firmware.mode"),
     ({"updates": {"firmware": {"commands": {"install": ["/bin/sh", "-c", "id"]}}}},
-     "updates.firmware.commands.install"),
+     "updates.firmware.commands"),
     ({"updates": {"firmware": {"health_command": ["/bin/true"]}}}, "updates.firmware.health_command"),
     ({"updates": {"firmware": {"version_file": "/tmp/v"}}}, "updates.firmware.version_file"),
     ({"mqtt": {"host": "evil.example"}}, "mqtt.host"),

@@ -9,6 +9,7 @@ them. Why each one is here: docs/security.md, "Remote config".
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -38,7 +39,7 @@ LOCAL_ONLY: dict[str, str] = {
 
 
 def local_only_paths(partial: Mapping[str, Any]) -> list[str]:
-    """The local-only key paths a partial config table sets (leaf paths under a local-only table)."""
+    """The local-only key paths a partial config table sets (leaf paths under a local-only section)."""
     found: list[str] = []
     for key in LOCAL_ONLY:
         node: Any = partial
@@ -47,8 +48,16 @@ def local_only_paths(partial: Mapping[str, Any]) -> list[str]:
                 break
             node = node[part]
         else:
-            found.extend(_leaves(node, key))
+            found.extend(_leaves(node, key) if _is_section(key) else [key])
     return found
+
+
+def _is_section(key: str) -> bool:
+    """A config section (mqtt.tls) is named by the keys set under it; a value (trusted_keys) as is."""
+    obj: Any = Config()
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return dataclasses.is_dataclass(obj)
 
 
 def _leaves(node: Any, path: str) -> list[str]:
