@@ -9,8 +9,14 @@ same `config.build` as `check-config`, swapped in live, persisted atomically as
 
 Versions must increase: a version at or below the highest verified one seen (a retained message
 redelivered after a reconnect, or a replay) is ignored without a new report, so the retained report
-keeps describing what runs. Unsigned or badly signed messages are rejected (reported) but do not
-move that mark.
+keeps describing what runs. A message that does not verify (unsigned, badly signed, unparsable)
+could come from anyone who can publish on the broker: it is refused through `Rejections` (one
+event per reason per window, with a count) and never touches the retained report nor that mark.
+A verified one that fails validation is the operator's own mistake: reported `rejected`.
+
+Before a layer is swapped in it is dry-run: no local-only key (core.layer_checks.LOCAL_ONLY: trusted
+keys, firmware installer, broker identity and TLS, ...), every file it names usable now, and a model
+it names present; a layer failing any of that is rejected with the key path and nothing changes.
 
 Safety net: after applying, the new config is on probation for `config.confirm_timeout_s`. If the
 broker stays unreachable that long, or any component crashes meanwhile, the last confirmed config
@@ -27,14 +33,15 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
 from edgeagent.core import protocol
-from edgeagent.core.config import RemoteConfigConfig
+from edgeagent.core.config import Config, RemoteConfigConfig
 from edgeagent.core.config_layers import (
     AppliedState,
     ConfigLayers,
@@ -45,16 +52,21 @@ from edgeagent.core.config_layers import (
     write_applied,
 )
 from edgeagent.core.errors import ConfigError, ProtocolError, RemoteConfigRejected, SignatureInvalid
+from edgeagent.core.layer_checks import local_only_errors
 from edgeagent.core.live import LiveConfig, Outbox, Router
 from edgeagent.core.logs import Once
+from edgeagent.core.rejections import Rejections
 from edgeagent.core.signing import load_trusted_keys, verify
+from edgeagent.inference.store import SHIPPED_DIR, SHIPPED_FILES, ModelStore, check_name
 
-__all__ = ["Desired", "RemoteConfigComponent", "config_sha256", "load_effective", "parse_desired"]
+__all__ = ["Desired", "RemoteConfigComponent", "config_sha256", "load_effective", "model_errors",
+           "parse_desired"]
 log = logging.getLogger(__name__)
 _once = Once(log)
 
 MAX_PAYLOAD_BYTES = 256 * 1024
 PROBATION_TICK_S = 0.25  # how often the broker link is looked at while a config is on probation
+_REASON_KEY = re.compile(r"^[a-z][a-z0-9 _-]{0,31}\Z")  # "signature", "version", "malformed JSON"
 
 
 def config_sha256(partial: dict[str, Any]) -> str:
@@ -100,6 +112,36 @@ def parse_desired(topic: str, payload: bytes, trusted: dict[str, Any]) -> Desire
     return Desired(version, config_sha256(partial), partial, key_id)
 
 
+def model_errors(partial: Mapping[str, Any], new: Config) -> list[str]:
+    """A layer naming a model (or variant) must name one this device can load at its next start: in
+    its store or shipped with the agent. Blocking (file system): call it from a thread."""
+    inference = partial.get("inference")
+    if (not isinstance(inference, Mapping) or not {"model", "model_variant"} & inference.keys()
+            or not new.inference.enabled):
+        return []
+    name = new.inference.model
+    try:
+        check_name("name", name)
+    except ValueError as exc:
+        return [f"inference.model: {exc}"]
+    store = ModelStore(new.state_dir / "models")
+    rec = store.active(name)
+    if rec is not None and store.model_path(name, rec.version).is_file():
+        return []
+    if (SHIPPED_DIR / name / SHIPPED_FILES[new.inference.model_variant]).is_file():
+        return []
+    return [f"inference.model: no model {name!r} ({new.inference.model_variant}) in "
+            f"{store.model_dir(name)} and none shipped under that name"]
+
+
+def _reason_key(reason: str) -> str:
+    """A short, stable key for `Rejections` from a parse failure ("signature: bad ..." -> "signature");
+    never free text from the sender, so a flood cannot grow the table of reasons."""
+    head = reason.partition(":")[0]
+    return "config-" + (head.replace(" ", "-") if ":" in reason and _REASON_KEY.match(head)
+                        else "unverified")
+
+
 @dataclass
 class Probation:
     started: float
@@ -113,7 +155,8 @@ class RemoteConfigComponent:
 
     def __init__(self, live: LiveConfig, outbox: Outbox, router: Router, layers: ConfigLayers,
                  request_restart: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 rejections: Rejections | None = None) -> None:
         self.live = live
         self.outbox = outbox
         self.router = router
@@ -127,6 +170,8 @@ class RemoteConfigComponent:
         self._latest: bytes | None = None  # only the newest desired payload matters: older are replaced
         self._wake = asyncio.Event()
         self.restart_requested: str | None = None
+        # unverified messages: counted per reason, one event per window (a flood is not an amplifier)
+        self.rejections = rejections if rejections is not None else Rejections(outbox, clock)
 
     @property
     def layers(self) -> ConfigLayers:
@@ -189,16 +234,19 @@ class RemoteConfigComponent:
                 raise
             except Exception:  # a bug must not end remote config (nor the safety net) for good
                 _once.warning("turn", "remote config turn failed", exc_info=True)
-            timeout = PROBATION_TICK_S if self.probation is not None else None
+            self.rejections.flush()
+            # once anything was refused, wake now and then to send the count of its window
+            timeout = (PROBATION_TICK_S if self.probation is not None
+                       else self.rejections.window_s if self.rejections.totals else None)
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
 
     async def handle(self, payload: bytes) -> None:
-        """One desired message: applied, rejected (reported) or ignored (old version)."""
+        """One desired message: applied, rejected (reported), refused (not verified: counted, no
+        report) or ignored (old version)."""
         topic = self.live.topics.config_desired
-        version = 0
         try:
             try:
                 trusted: dict[str, Any] = await asyncio.to_thread(
@@ -206,32 +254,46 @@ class RemoteConfigComponent:
             except ConfigError as exc:
                 raise RemoteConfigRejected("trusted keys unreadable: " + "; ".join(exc.errors)) from exc
             desired = parse_desired(topic, payload, trusted)
-            version = desired.version
-            if version <= self.state.seen_version:
-                if version < self.state.seen_version:
-                    log.warning("ignoring desired config version %d: not above %d", version,
-                                self.state.seen_version)
-                return
-            self.state.seen_version = version  # a verified version is never considered again
+        except RemoteConfigRejected as exc:
+            self._refuse(exc, payload)
+            return
+        version = desired.version
+        if version <= self.state.seen_version:
+            if version < self.state.seen_version:
+                log.warning("ignoring desired config version %d: not above %d", version,
+                            self.state.seen_version)
+            return
+        self.state.seen_version = version  # a verified version is never considered again
+        try:
             await self._apply(desired)
         except RemoteConfigRejected as exc:
-            # what a sender wrote may end up in the reason: keep it encodable as JSON and TOML
-            reason = exc.reason.encode("utf-8", "backslashreplace").decode("utf-8")
+            reason = _printable(exc.reason)
             if self.state.version:
                 reason += f" (still running version {self.state.version})"
-            sha = hashlib.sha256(payload).hexdigest()
-            report = protocol.config_reported(exc.version or version, sha, "rejected", reason)
+            report = protocol.config_reported(version, desired.sha256, "rejected", reason)
             self.outbox.put_state(self.live.topics.config_reported, report)
             self.outbox.emit_event("config", "warning", f"desired config rejected: {reason}",
-                                {"version": exc.version or version, "reason": reason})
+                                   {"version": version, "reason": reason, "key_id": desired.key_id})
             await self._persist_quietly()  # keeps seen_version: a rejected version is not retried
 
+    def _refuse(self, exc: RemoteConfigRejected, payload: bytes) -> None:
+        """Anyone who can publish may have sent it: what it claims (its version above all) must not
+        reach the retained report, only an aggregated count."""
+        reason = _printable(exc.reason)
+        self.rejections.refuse("config", _reason_key(exc.reason),
+                               f"desired config refused (not verified): {reason}",
+                               {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()})
+
     async def _apply(self, desired: Desired) -> None:
+        local = local_only_errors(desired.config)
+        if local:  # named alone: "updates.trusted_keys is local-only"
+            raise RemoteConfigRejected("; ".join(local), desired.version)
         errors = check_remote_layer(desired.config)
         if errors:
             raise RemoteConfigRejected("invalid: " + "; ".join(errors), desired.version)
         try:
             new = self.layers.build(desired.config)
+            await asyncio.to_thread(self._dry_run, desired.config, new)
         except ConfigError as exc:
             raise RemoteConfigRejected("invalid: " + "; ".join(exc.errors), desired.version) from exc
         prev, timeout_s = self.state, self.live.config.config.confirm_timeout_s
@@ -259,6 +321,13 @@ class RemoteConfigComponent:
         self.probation = Probation(now, None if self._connected() else now, timeout_s)
         log.info("config applied",
                  extra={"kv": {"version": desired.version, "restart": ",".join(pending_keys)}})
+
+    def _dry_run(self, layer: dict[str, Any], new: Config) -> None:
+        """Blocking: every file and model the layer names must be usable before it goes live."""
+        self.layers.dry_run(layer, new)
+        errors = model_errors(layer, new)
+        if errors:
+            raise ConfigError(errors, "remote config")
 
     # -- probation
 
@@ -324,3 +393,8 @@ class RemoteConfigComponent:
             await asyncio.to_thread(write_applied, self.live.config.state_dir, self.state)
         except (OSError, ValueError) as exc:
             log.error("cannot persist %s: %s", "config.applied.toml", exc)
+
+
+def _printable(reason: str) -> str:
+    """What a sender wrote may end up in a reason: keep it encodable as JSON and TOML."""
+    return reason.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -73,13 +73,14 @@ class Running:
 
         def components(w: Wiring) -> list[Component]:
             transport = rig.transport(w)
-            remote = RemoteConfigComponent(w.live, w.outbox, w.router, w.layers,
-                                           request_restart=restarts.append)
+            self.remote = remote = RemoteConfigComponent(w.live, w.outbox, w.router, w.layers,
+                                                         request_restart=restarts.append)
             w.crash_listeners.append(remote.on_crash)
             return [transport, rig.telemetry(w, transport), remote]
 
         self.agent = Agent(effective.config, components, effective=effective)
         self.task: asyncio.Task[int] | None = None
+        self.remote: RemoteConfigComponent | None = None
 
     async def __aenter__(self) -> Running:
         self.task = asyncio.create_task(self.agent.run(), name="agent-under-test")
@@ -170,3 +171,44 @@ def test_a_config_that_breaks_the_broker_connection_is_rolled_back_after_the_tim
         obs.close()
     assert restarts == ["config rollback needs a restart for mqtt.port"]
     assert load_effective(path)[0].mqtt.port == broker.port
+
+
+def refusals(obs: Observer) -> list[dict[str, Any]]:
+    return [e for e in obs.on("edge/dev1/events") if "refused (not verified)" in e["message"]]
+
+
+def test_a_hostile_publisher_cannot_rewrite_the_report_and_local_only_keys_are_refused(
+        tmp_path: Path, broker: Broker) -> None:
+    path = write_config(tmp_path, broker.port)
+    obs = Observer(broker.port, client_id="operator")
+    restarts: list[str] = []
+
+    async def main() -> None:
+        async with Running(path, restarts) as run:
+            obs.publish(DESIRED, desired(tmp_path, 2, {"telemetry": {"interval_s": 0.25}}), retain=True)
+            await async_wait_until(lambda: reports(obs, lambda r: r["version"] == 2), 20,
+                                   message="applied report")
+            # anyone can publish: a burst of unsigned configs claiming ever higher versions
+            for i in range(100):
+                forged = {"v": 1, "version": 10_000 + i, "config": {"telemetry": {"interval_s": 0.01}}}
+                obs.publish(DESIRED, protocol.dumps(forged), retain=True)
+            await async_wait_until(lambda: refusals(obs), 20, message="a refusal event")
+            # the operator's own mistake, validly signed: reported, naming the key
+            obs.publish(DESIRED, desired(tmp_path, 3, {"updates": {"trusted_keys": {"x": "/tmp/x.pem"}},
+                                                       "telemetry": {"interval_s": 1}}), retain=True)
+            [rejected] = await async_wait_until(lambda: reports(obs, lambda r: r["version"] == 3), 20,
+                                                message="rejected report")
+            assert (rejected["state"], rejected["reason"]) == (
+                "rejected", "updates.trusted_keys is local-only (still running version 2)")
+            assert [r["version"] for r in obs.on(REPORTED)] == [2, 3], "no forged version was reported"
+            [event] = refusals(obs)
+            assert event["kind"] == "config" and event["data"]["reason"] == "config-signature"
+            assert run.remote is not None and 1 <= run.remote.rejections.totals["config-signature"] <= 100
+            assert run.agent.live.config.telemetry.interval_s == 0.25
+
+    try:
+        asyncio.run(main())
+    finally:
+        obs.close()
+    cfg, layers = load_effective(path)
+    assert cfg.telemetry.interval_s == 0.25 and layers["remote"] == {"telemetry": {"interval_s": 0.25}}

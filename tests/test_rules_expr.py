@@ -64,7 +64,7 @@ def test_config_load_rejects_a_malformed_rule_with_its_key_path_and_column(tmp_p
     assert "rules[0].when: unexpected token ')' at column 12" in errors
     assert "rules[1].clear_when: unexpected end of expression at column 4" in errors
     assert any(e.startswith("rules[1].then[0]: alert severity must be one of") for e in errors)
-    assert any(e.startswith("rules[1].then[1]: set: 'mqtt.host' is not a runtime knob") for e in errors)
+    assert any(e.startswith("rules[1].then[1]: set: mqtt.host is local-only") for e in errors)
     assert any(e.startswith("rules[1].then[2]: set: telemetry.interval_s: expected a number") for e in errors)
     assert any(e.startswith("rules[1].then[3]: unknown action 'reboot'") for e in errors)
 

@@ -12,8 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from edgeagent.core.layer_checks import LOCAL_ONLY
+
 SEVERITIES = ("info", "warning", "critical")
-# runtime knobs a rule may set (`set:telemetry.interval_s=60`); anything else needs a remote config
+# runtime knobs a rule may set (`set:telemetry.interval_s=60`); anything else needs a remote config,
+# and no rule (not even one arriving in a remote config) may set a local-only key (tests hold it)
 SET_KEYS = ("telemetry.interval_s", "telemetry.batch_max", "monitor.interval_s", "inference.threshold",
             "inference.clear_threshold", "logging.level")
 _SET_RE = re.compile(r"^set:([a-z_.]+)=(.*)$", re.DOTALL)
@@ -34,6 +37,11 @@ class Action:
         """A `set:` action as a partial config table: {"telemetry": {"interval_s": 60.0}}."""
         section, _, name = self.key.partition(".")
         return {section: {name: self.value}}
+
+
+def is_local_only(key: str) -> bool:
+    """`key` is, or lies under, a key only the local file may set (core.layer_checks.LOCAL_ONLY)."""
+    return any(key == p or key.startswith(p + ".") or p.startswith(key + ".") for p in LOCAL_ONLY)
 
 
 def _scalar(text: str) -> Any:
@@ -67,6 +75,8 @@ def parse_action(text: str, check_set: SetCheck) -> Action:
     m = _SET_RE.match(text)
     if m:
         key, value = m.group(1), _scalar(m.group(2))
+        if is_local_only(key):
+            raise ValueError(f"set: {key} is local-only")
         if key not in SET_KEYS:
             raise ValueError(f"set: {key!r} is not a runtime knob; allowed: {', '.join(SET_KEYS)}")
         action = Action("set", text, key=key, value=value)

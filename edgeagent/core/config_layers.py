@@ -24,6 +24,7 @@ from edgeagent.core import protocol
 from edgeagent.core.config import Config
 from edgeagent.core.errors import ConfigError
 from edgeagent.core.fsutil import atomic_write_text
+from edgeagent.core.layer_checks import file_errors, local_only_errors
 from edgeagent.core.logs import set_level
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,6 @@ RESTART_KEYS = (
     "inference.enabled", "inference.runtime", "inference.model", "inference.model_variant",
     "inference.num_threads", "inference.delegate", "inference.queue_max",
 )
-# never from a remote layer: they decide where the applied layer itself lives and who the device is
-REMOTE_FORBIDDEN = ("device.state_dir", "device.id")
 MAX_LAYER_DEPTH = 12
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -138,17 +137,12 @@ def _emit(lines: list[str], path: tuple[str, ...], table: Mapping[str, Any],
 def check_remote_layer(partial: object, path: str = "config") -> list[str]:
     """What the schema cannot see: the layer must be writable as TOML (no null, no NaN, 64-bit
     integers, no lone surrogates), bounded in depth, without ${VAR} (a remote layer must not read
-    the device's environment) and without keys that only the local file may set."""
+    the device's environment) and without keys that only the local file may set (layer_checks)."""
     errors: list[str] = []
     if not isinstance(partial, Mapping):
         return [f"{path}: expected a table, got {type(partial).__name__}"]
     _check_value(partial, path, 0, errors)
-    for key in REMOTE_FORBIDDEN:
-        section, _, name = key.partition(".")
-        sect = partial.get(section)
-        if isinstance(sect, Mapping) and name in sect:
-            errors.append(f"{key}: cannot be set remotely (local file only)")
-    return errors
+    return errors + local_only_errors(partial)
 
 
 def _check_value(v: object, path: str, depth: int, errors: list[str]) -> None:
@@ -358,6 +352,8 @@ def load_effective(path: Path, *, starting: bool = False) -> EffectiveConfig:
         problem = None
         if not state.confirmed and state.starts >= MAX_UNCONFIRMED_STARTS:
             problem = f"not confirmed after {state.starts} agent starts"
+        elif local_only_errors(state.config):  # written by an older agent that let them through
+            problem = "; ".join(local_only_errors(state.config))
         else:
             try:
                 cfg = cfgmod.build(cfgmod.merge_layers(file_raw, state.config), str(path))
@@ -370,6 +366,8 @@ def load_effective(path: Path, *, starting: bool = False) -> EffectiveConfig:
         elif problem is not None:
             log.error("applied remote config version %d given up: %s", state.version, problem)
             try:
+                if local_only_errors(state.good_config):
+                    raise ConfigError(local_only_errors(state.good_config))
                 cfg = cfgmod.build(cfgmod.merge_layers(file_raw, state.good_config), str(path))
                 remote = state.good_config
             except ConfigError:
@@ -433,8 +431,18 @@ class ConfigLayers:
             set_level(live.logging.level)
         return pending
 
+    def dry_run(self, layer: dict[str, Any], new: Config) -> None:
+        """The last look before `layer` (built into `new`) is swapped in: no local-only key, and every
+        file it names usable now. ConfigError lists the problems. Blocking only when the layer names
+        files (a remote layer: call it from a thread)."""
+        errors = local_only_errors(layer) or file_errors(layer, new)
+        if errors:
+            raise ConfigError(errors, "runtime layer")
+
     def set_remote(self, remote: dict[str, Any], *, keep_restart_keys: bool = True) -> list[str]:
         new = self.build(remote)
+        if local_only_errors(remote):  # files were dry-run by the caller, off the loop
+            raise ConfigError(local_only_errors(remote), "remote config")
         self.remote = remote
         return self.apply(new, keep_restart_keys=keep_restart_keys)
 
@@ -448,6 +456,8 @@ class ConfigLayers:
         saved, self.overrides = self.overrides, overrides
         try:
             new = self.build()
+            if partial is not None:
+                self.dry_run(partial, new)
         except ConfigError:
             self.overrides = saved
             raise
