@@ -19,12 +19,12 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeagent.core import signing
@@ -38,7 +38,7 @@ from tests.util import wait_until
 # health in health.json; everything else in the state dir must stay as it was
 SNAPSHOT_EXEMPT = re.compile(r"^(spool\.sqlite(-wal|-shm|-journal)?|health\.json)$")
 INSTALLED_FIRMWARE = "5.0.0"
-EVIDENCE_TIMEOUT_S = 15.0
+EVIDENCE_TIMEOUT_S = float(os.environ.get("HOSTILE_EVIDENCE_TIMEOUT_S", "15"))
 
 
 # --------------------------------------------------------------------------- messages
@@ -319,7 +319,7 @@ class World:
 
     def refused(self, device: str, act: Callable[[], None], reason: str, *, job: str | None = None,
                 allow: Iterable[str] = (), broker_log: bool = False, no_report: bool = False,
-                timeout_s: float = EVIDENCE_TIMEOUT_S) -> Refusal:
+                signed_reject: bool = False, timeout_s: float = EVIDENCE_TIMEOUT_S) -> Refusal:
         """Run `act` (the hostile publications) against `device` and check the three promises:
 
         (a) a refusal whose text matches `reason` (a regex naming the cause) shows up in what the
@@ -328,6 +328,9 @@ class World:
         (b) the state dir is as it was, but for the spool and health.json (the aggregated event lives
             there) and the `allow` paths; `job`: no `updates/<job>/` and no journal entry for it;
             `no_report`: no new `config/reported` (unsigned input never rewrites retained truth);
+            `signed_reject`: the manifest verified and failed a policy check (expired, downgrade,
+            size cap): the journal may remember it as `rejected` (so a replay is a no-op), with its
+            log, and nothing else (no artifact, no transfer state);
         (c) a new telemetry sample arrives afterwards, the process is alive, no traceback was logged.
         """
         agent = self.agents[device]
@@ -364,10 +367,18 @@ class World:
         new_log = agent.log_since(log_off)
         assert "Traceback" not in new_log, f"{device} logged a traceback:\n{new_log[-4000:]}"
         # (b)
-        changed = changes(before, snapshot(agent.state_dir), [*allow, r"config\.applied\.toml"])
+        allow = [*allow, r"config\.applied\.toml"]
+        if signed_reject and job is not None:
+            allow += [r"journal\.json", rf"updates/{re.escape(job)}/log\.txt"]
+        changed = changes(before, snapshot(agent.state_dir), allow)
         assert not changed, f"{device}: state dir changed: {changed}"
         assert applied_config(agent.state_dir) == applied, f"{device}: the applied config changed"
-        if job is not None:
+        if job is not None and signed_reject:
+            state = agent.journal_jobs().get(job, {}).get("state", "rejected")
+            assert state == "rejected", f"job {job} is {state} in the journal"
+            files = [p.name for p in (agent.state_dir / "updates" / job).glob("*")]
+            assert set(files) <= {"log.txt"}, f"updates/{job}/ holds {files}"
+        elif job is not None:
             assert not (agent.state_dir / "updates" / job).exists(), f"updates/{job}/ was created"
             assert job not in agent.journal_jobs(), f"job {job} is in the journal"
         if no_report:

@@ -77,6 +77,7 @@ class Case:
     allow: tuple[str, ...] = ()  # state-dir paths that may change (the live job's capped log)
     broker_log: bool = False
     no_report: bool = False  # unverified desired config: config/reported must not be rewritten
+    signed_reject: bool = False  # verified, refused by policy: may be journaled `rejected` (replay no-op)
     after: Callable[[World], None] | None = None
 
 
@@ -245,11 +246,11 @@ CASES: list[Case] = [
     # --- policy on verified manifests
     Case("expired", "dev1",
          pub(manifest_topic("expired"), lambda w: m(w, "expired", issued_at=now_s() - 7200, ttl_s=3600)),
-         r"expired", job="expired"),
+         r"expired", job="expired", signed_reject=True),
     Case("downgrade", "dev1", pub(manifest_topic("downgrade"), lambda w: m(w, "downgrade", version="4.0.0")),
-         r"rollback|not above|downgrade", job="downgrade"),
+         r"rollback|not above|downgrade", job="downgrade", signed_reject=True),
     Case("same-version", "dev1", pub(manifest_topic("same-ver"), lambda w: m(w, "same-ver", version="5.0.0")),
-         r"rollback|not above", job="same-ver"),
+         r"rollback|not above", job="same-ver", signed_reject=True),
     # --- bounds on every signed number
     Case("chunks-inconsistent", "dev1",
          pub(manifest_topic("bad-chunks"), lambda w: m(w, "bad-chunks", chunks=4, chunk_sha256=[FAKE_SHA] * 4)),
@@ -262,7 +263,7 @@ CASES: list[Case] = [
     Case("too-many-chunks", "dev1", pub(manifest_topic("many-chunks"), many_chunks_manifest),
          r"chunk", job="many-chunks"),
     Case("size-above-cap", "dev1", pub(manifest_topic("too-big"), oversize_manifest),
-         r"too large|limit", job="too-big"),
+         r"too large|limit", job="too-big", signed_reject=True),
     Case("missing-chunk-sha256", "dev1",
          pub(manifest_topic("no-chunk-sha"), lambda w: w.op.sign(without(m(w, "no-chunk-sha", sign=False),
                                                                           "chunk_sha256"))),
@@ -338,7 +339,7 @@ CASES: list[Case] = [
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_refused(world: World, case: Case) -> None:
     world.refused(case.device, lambda: case.act(world), case.reason, job=case.job, allow=case.allow,
-                  broker_log=case.broker_log, no_report=case.no_report)
+                  broker_log=case.broker_log, no_report=case.no_report, signed_reject=case.signed_reject)
     if case.after is not None:
         case.after(world)
 
