@@ -344,7 +344,7 @@ class World:
         act()
 
         def evidence() -> str | None:
-            sources = self.texts_since(mark, device) + [agent.log_since(log_off)]
+            sources = [*self.texts_since(mark, device), agent.log_since(log_off)]
             if broker_log:
                 sources.append(self.broker.log()[broker_off:])
             for text in sources:
