@@ -183,7 +183,8 @@ def parse(msg: Mapping[str, Any]) -> Manifest:
         issued_at = float(_get(msg, "issued_at", (int, float), "a number"))
         expires = float(_get(msg, "expires", (int, float), "a number"))
     except OverflowError:
-        raise ManifestRejected("manifest: issued_at and expires must be finite times", job) from None
+        raise ManifestRejected("manifest: issued_at and expires must be finite, non-negative times",
+                               job) from None
     if not (math.isfinite(issued_at) and math.isfinite(expires) and issued_at >= 0):
         raise ManifestRejected("manifest: issued_at and expires must be finite, non-negative times", job)
     if expires <= issued_at:
