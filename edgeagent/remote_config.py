@@ -1,7 +1,9 @@
 """Live remote configuration: `P/D/config/desired` -> verify -> validate -> apply -> persist -> report.
 
-A desired config is `{"v":1,"version":n,"config":{partial TOML as JSON},"sig":{...}}`, signed with
-the same trusted keys as updates. Its `config` is merged over the local file (the applied layer
+A desired config is `{"v":1,"type":"config","version":n,"config":{partial TOML as JSON},"sig":{...}}`,
+signed with the same trusted keys as updates; `"type":"config"` and an optional
+`"targets":{"devices":[...],"groups":[...]}` are inside the signed bytes, so a manifest or a config
+meant for another device is refused here. Its `config` is merged over the local file (the applied layer
 *replaces* the previous remote layer; arrays such as `rules` are replaced whole), validated by the
 same `config.build` as `check-config`, swapped in live, persisted atomically as
 `<state_dir>/config.applied.toml` and reported retained on `P/D/config/reported`
@@ -35,12 +37,12 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
-from edgeagent.core import protocol
+from edgeagent.core import audience, protocol
 from edgeagent.core.config import Config, RemoteConfigConfig
 from edgeagent.core.config_layers import (
     AppliedState,
@@ -83,9 +85,11 @@ class Desired:
     key_id: str
 
 
-def parse_desired(topic: str, payload: bytes, trusted: dict[str, Any]) -> Desired:
-    """Decode and verify a desired-config message; RemoteConfigRejected says why not (with the
-    version when it could be read). The layer's own validity is checked by the caller."""
+def parse_desired(topic: str, payload: bytes, trusted: dict[str, Any], device_id: str,
+                  groups: Sequence[str]) -> Desired:
+    """Decode and verify a desired-config message meant for this device (`device_id`, `groups`);
+    RemoteConfigRejected says why not (with the version when it could be read). The layer's own
+    validity is checked by the caller."""
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise RemoteConfigRejected(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     try:
@@ -95,20 +99,25 @@ def parse_desired(topic: str, payload: bytes, trusted: dict[str, Any]) -> Desire
     except RecursionError as exc:
         raise RemoteConfigRejected("malformed JSON: nested too deeply") from exc
     version = msg.get("version")
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version < 2**63:
-        raise RemoteConfigRejected(f"version: expected a positive integer, got {version!r}")
+    # up to 2^53-1: the integers every signer's JSON reads exactly (and RFC 8785 can sign)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version < 2**53:
+        shown = repr(version) if not isinstance(version, int) or version < 10**20 else "a huge integer"
+        raise RemoteConfigRejected(f"version: expected a positive integer below 2^53, got {shown[:80]}")
     partial = msg.get("config")
     if not isinstance(partial, dict):
         raise RemoteConfigRejected(f"config: expected an object, got {type(partial).__name__}", version)
     if not trusted:
         raise RemoteConfigRejected("no trusted keys configured (updates.trusted_keys)", version)
     try:
-        key_id = verify(msg, trusted)
+        key_id = verify(msg, trusted, "config")
     except SignatureInvalid as exc:
         raise RemoteConfigRejected(f"signature: {exc.reason}", version) from exc
-    except UnicodeEncodeError as exc:  # "\ud800" in the JSON: no canonical UTF-8 form to verify
-        raise RemoteConfigRejected("signature: message holds a lone surrogate (not valid Unicode)",
-                                   version) from exc
+    try:
+        not_ours = audience.problem(audience.parse(msg.get("targets")), device_id, groups)
+    except audience.AudienceError as exc:
+        raise RemoteConfigRejected(str(exc), version) from exc
+    if not_ours is not None:
+        raise RemoteConfigRejected(not_ours, version)
     return Desired(version, config_sha256(partial), partial, key_id)
 
 
@@ -253,7 +262,8 @@ class RemoteConfigComponent:
                     load_trusted_keys, self.live.config.updates.trusted_keys)
             except ConfigError as exc:
                 raise RemoteConfigRejected("trusted keys unreadable: " + "; ".join(exc.errors)) from exc
-            desired = parse_desired(topic, payload, trusted)
+            device = self.live.config.device
+            desired = parse_desired(topic, payload, trusted, device.id, device.groups)
         except RemoteConfigRejected as exc:
             self._refuse(exc, payload)
             return

@@ -94,11 +94,12 @@ class Artifacts:
                 "version-rollback": self.model, "sha-mismatch": self.model, "fw-good": self.fw_good,
                 "fw-fail-install": self.fw_fail_install, "fw-fail-health": self.fw_fail_health}[u.case]
         name = "vibration-anomaly" if u.kind == "model" else "rootfs"
-        chunk = 512 if u.kind == "model" else 16 * 1024
+        # the smallest chunks devices accept (updates.manifest.MIN_CHUNK_SIZE): most messages per model
+        chunk = 4 * 1024 if u.kind == "model" else 16 * 1024
         m = build_manifest(path, job=u.job, kind=u.kind, name=name, version=u.version, chunk_size=chunk)
         if u.case == "sha-mismatch":
             m["sha256"] = hashlib.sha256(b"not the artifact" + u.job.encode()).hexdigest()
-            m.pop("chunk_sha256", None)  # only the whole-file hash is wrong; chunks arrive intact
+            # only the whole-file hash is wrong: every chunk passes its own (required) sha256
         key = self.rogue if u.case == "bad-signature" else self.key
         return signing.sign(m, key, KEY_ID), path
 

@@ -194,7 +194,7 @@ def test_random_desired_payloads_are_rejected_cleanly(payload: bytes) -> None:
     from edgeagent.remote_config import parse_desired
 
     try:
-        parse_desired("t", payload, {"ops": PUBLIC})
+        parse_desired("t", payload, {"ops": PUBLIC}, "dev1", ())
     except RemoteConfigRejected as exc:
         assert exc.reason
 
@@ -214,7 +214,7 @@ def test_structured_desired_messages_with_bogus_signatures_are_rejected(partial:
     msg = {"v": 1, "version": 1, "config": partial, "sig": {"alg": "ed25519", "key_id": "ops", "value": sig}}
     payload = json.dumps(msg).encode()  # ASCII JSON: lone surrogates travel as \ud800 escapes
     try:
-        parse_desired("t", payload, {"ops": PUBLIC})
+        parse_desired("t", payload, {"ops": PUBLIC}, "dev1", ())
     except RemoteConfigRejected as exc:
         assert exc.reason.startswith(("signature:", "malformed JSON")), exc.reason
     else:

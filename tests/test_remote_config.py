@@ -89,7 +89,7 @@ ops = "{keys / 'ops.pem'}"
 
     def desired(self, version: int, partial: dict[str, Any], key: Ed25519PrivateKey | None = None,
                 **extra: Any) -> bytes:
-        msg = {"v": 1, "version": version, "config": partial, **extra}
+        msg = {"v": 1, "type": "config", "version": version, "config": partial, **extra}
         return protocol.dumps(sign(msg, key or self.key, "ops"))
 
     async def push(self, payload: bytes) -> None:
@@ -112,11 +112,13 @@ def run(dev: Device, scenario: Any) -> None:
 
 def test_parse_desired_verifies_the_signature(dev: Device) -> None:
     trusted = load_trusted_keys(dev.live.config.updates.trusted_keys)
-    good = parse_desired("t", dev.desired(3, {"telemetry": {"interval_s": 1}}), dict(trusted))
+    good = parse_desired("t", dev.desired(3, {"telemetry": {"interval_s": 1}}), dict(trusted), "dev1", ())
     assert (good.version, good.key_id) == (3, "ops")
     assert good.sha256 == config_sha256({"telemetry": {"interval_s": 1}})
     cases = {
-        protocol.dumps({"v": 1, "version": 3, "config": {}}): "signature: message is not signed (no sig)",
+        protocol.dumps({"v": 1, "type": "config", "version": 3, "config": {}}):
+            "signature: message is not signed (no sig)",
+        protocol.dumps({"v": 1, "version": 3, "config": {}}): "signature: message has no type",
         dev.desired(3, {}, key=dev.other): "signature: bad signature for key id 'ops'",
         b"{": "malformed JSON",
         b"[]": "expected a JSON object",
@@ -129,7 +131,7 @@ def test_parse_desired_verifies_the_signature(dev: Device) -> None:
     cases[protocol.dumps(tampered)] = "signature: bad signature for key id 'ops'"
     for payload, reason in cases.items():
         with pytest.raises(RemoteConfigRejected) as err:
-            parse_desired("t", payload, dict(trusted))
+            parse_desired("t", payload, dict(trusted), "dev1", ())
         assert err.value.reason.startswith(reason), (payload[:40], err.value.reason)
 
 

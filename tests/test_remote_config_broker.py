@@ -62,7 +62,7 @@ ops = "{keys / 'ops.pem'}"
 
 def desired(tmp_path: Path, version: int, partial: dict[str, Any]) -> bytes:
     key = load_private_key(tmp_path / "keys" / "ops.key")
-    return protocol.dumps(sign({"v": 1, "version": version, "config": partial}, key, "ops"))
+    return protocol.dumps(sign({"v": 1, "type": "config", "version": version, "config": partial}, key, "ops"))
 
 
 class Running:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 import sys
@@ -25,11 +26,32 @@ def test_keygen_and_sign(tmp_path: Path) -> None:
     again = subprocess.run([*CLI, "keygen", "--key-id", "ops-1", "--out-dir", str(tmp_path)],
                            capture_output=True, text=True)
     assert again.returncode == 1 and "exists" in again.stderr
-    (tmp_path / "cancel.json").write_text(json.dumps({"v": 1, "job": "j1"}))
-    res = subprocess.run([*CLI, "sign", "--key", str(tmp_path / "ops-1.key"), "--key-id", "ops-1",
-                          str(tmp_path / "cancel.json")], capture_output=True, text=True, check=True)
+    sign = [*CLI, "sign", "--key", str(tmp_path / "ops-1.key"), "--key-id", "ops-1"]
     trusted = signing.load_trusted_keys({"ops-1": str(tmp_path / "ops-1.pem")})
-    manifest.verify_cancel(json.loads(res.stdout), "j1", trusted)
+    (tmp_path / "cancel.json").write_text(json.dumps({"v": 1, "job": "j1", "issued_at": 1.7e9}))
+    # no type: a device would refuse it, so sign refuses it, saying how to fix it
+    res = subprocess.run([*sign, str(tmp_path / "cancel.json")], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stdout == ""
+    assert 'has no "type": devices refuse it; add one or pass --type (manifest|cancel|config)' in res.stderr
+    res = subprocess.run([*sign, "--type", "cancel", str(tmp_path / "cancel.json")], capture_output=True,
+                         text=True, check=True)
+    signed_cancel = json.loads(res.stdout)
+    assert signed_cancel["type"] == "cancel"
+    assert signing.verify(signed_cancel, trusted, "cancel") == "ops-1"
+    manifest.verify_cancel(signed_cancel, "j1", trusted, "dev1", ())
+    # the signature is over RFC 8785 (1.7e9 is "1700000000" there, "1700000000.0" in the legacy form)
+    body = {k: v for k, v in signed_cancel.items() if k != "sig"}
+    trusted["ops-1"].verify(base64.b64decode(signed_cancel["sig"]["value"]), signing.canonical(body))
+    # a type in the file that --type contradicts, or an unknown one, is an error, and nothing is printed
+    (tmp_path / "config.json").write_text(json.dumps({"v": 1, "type": "config", "version": 2, "config": {}}))
+    res = subprocess.run([*sign, "--type", "cancel", str(tmp_path / "config.json")], capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and res.stdout == "" and "but --type is 'cancel'" in res.stderr
+    res = subprocess.run([*sign, str(tmp_path / "config.json")], capture_output=True, text=True, check=True)
+    assert signing.verify(json.loads(res.stdout), trusted, "config") == "ops-1"
+    (tmp_path / "odd.json").write_text(json.dumps({"v": 1, "type": "firmware"}))
+    res = subprocess.run([*sign, str(tmp_path / "odd.json")], capture_output=True, text=True)
+    assert res.returncode == 2 and "has \"type\": 'firmware'" in res.stderr
 
 
 def test_push_follows_to_the_end_and_exit_code(tmp_path: Path, broker: Broker) -> None:

@@ -158,10 +158,9 @@ def test_hostile_inputs_over_mqtt(tmp_path: Path, broker: Broker) -> None:
         assert not (c.tmp / "state" / "updates" / "model.tflite").exists()
         assert "foreign" not in c.comp.journal.jobs and w.state("foreign") is None
         assert c.comp.journal.jobs["evil"].state == "rejected"
-        # whole-file sha256 that does not match the bytes (no per-chunk hashes to catch it earlier)
+        # whole-file sha256 that does not match the bytes (every chunk passes its own sha256)
         body = build_manifest(MODEL, job="badsum", kind="model", name="vibration-anomaly", version="2.0.0")
         body["sha256"] = "0" * 64
-        del body["chunk_sha256"]
         result = await c.push(signing.sign(body, c.key, KEY_ID), MODEL)
         assert result.states == {"dev1": "rejected"} and "sha256 mismatch" in result.reasons["dev1"]
         assert c.installer.installed == [] and c.store_files() == []
@@ -248,7 +247,8 @@ def test_window_gate_and_cancel(tmp_path: Path, broker: Broker) -> None:
         task = asyncio.create_task(c.push(msg, MODEL, timeout_s=20))
         await async_wait_until(lambda: c.watcher.state("win") == "deferred", 20)
         assert "outside maintenance windows" in c.watcher.last["win"]["reason"]
-        cancel = signing.sign({"v": 1, "job": "win"}, c.key, KEY_ID)
+        cancel = signing.sign({"v": 1, "type": "cancel", "job": "win", "issued_at": time.time()},
+                              c.key, KEY_ID)
         forged = {**cancel, "job": "win", "sig": {**cancel["sig"], "key_id": "nobody"}}
         c.watcher.publish("edge/dev1/updates/win/cancel", forged)  # ignored: not trusted
         c.watcher.publish("edge/dev1/updates/win/cancel", cancel)

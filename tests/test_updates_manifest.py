@@ -1,4 +1,5 @@
-"""Manifest parsing and checks with real ed25519 keys (one pair made by the openssl CLI)."""
+"""Manifest and cancel parsing and checks with real ed25519 keys (one pair made by the openssl CLI):
+type bound to the topic, audience, bounds on every signed number."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeagent.core import signing
 from edgeagent.core.errors import ManifestRejected
+from edgeagent.ops.push import build_manifest
 from edgeagent.updates import manifest
 from tests.updates_helpers import KEY_ID, make_keys, openssl_keys, signed
 
@@ -25,7 +28,8 @@ def env(tmp_path: Path) -> dict[str, Any]:
 
 
 def checks(**kw: Any) -> manifest.Checks:
-    base: dict[str, Any] = {"now": time.time(), "arch": platform.machine(), "hardware": "rpi4",
+    base: dict[str, Any] = {"now": time.time(), "device_id": "devA", "groups": ("line1", "north"),
+                            "arch": platform.machine(), "hardware": "rpi4",
                             "agent_version": "0.1.0", "installed_version": "1.0.0", "newest_issued_at": None,
                             "max_size": 10 << 20, "max_chunk": 1 << 20}
     base.update(kw)
@@ -87,12 +91,22 @@ def test_policy_checks(env: dict[str, Any], kw: dict[str, Any], check_kw: dict[s
     assert expected in reason(lambda: manifest.check(m, checks(**check_kw)))
 
 
+def legacy_sign(body: dict[str, Any], key: Ed25519PrivateKey, key_id: str = KEY_ID) -> dict[str, Any]:
+    """Signed as the previous release did; also the only way to sign numbers RFC 8785 cannot hold."""
+    value = base64.b64encode(key.sign(signing.legacy_canonical(body))).decode()
+    return {**body, "sig": {"alg": "ed25519", "key_id": key_id, "value": value}}
+
+
 def field_reason(env: dict[str, Any], **changes: Any) -> str:
     msg = signed(env["art"], env["key"])
     body = {k: v for k, v in msg.items() if k != "sig"}
     body.update(changes)
     body = {k: v for k, v in body.items() if v is not None}
-    return reason(lambda: manifest.verify(signing.sign(body, env["key"], KEY_ID), env["trusted"]))
+    try:
+        again = signing.sign(body, env["key"], KEY_ID)
+    except ValueError:  # e.g. 10**400: a trusted signer of the previous release could still sign it
+        again = legacy_sign(body, env["key"])
+    return reason(lambda: manifest.verify(again, env["trusted"]))
 
 
 def test_strict_fields(env: dict[str, Any]) -> None:
@@ -109,8 +123,9 @@ def test_strict_fields(env: dict[str, Any]) -> None:
     assert "expires must be after" in field_reason(env, expires=0)
     assert "targets.arch" in field_reason(env, targets={"arch": "x86_64"})
     assert "unsupported protocol version" in field_reason(env, v=2)
-    assert "below 2^53" in field_reason(env, size=10**400)  # no float overflow on the way
-    assert "finite times" in field_reason(env, expires=10**400)
+    assert "size must be a positive integer up to 2^53-1, got a huge" in field_reason(env, size=10**400)
+    assert "finite, non-negative times" in field_reason(env, expires=10**400)  # no float overflow
+    assert "finite, non-negative times" in field_reason(env, issued_at=-5)
     assert "job id" in field_reason(env, job="j1\n")  # "$" would have let a newline through
     assert "invalid version" in field_reason(env, version="1.4.0\n")
 
@@ -124,3 +139,141 @@ def test_version_order() -> None:
     assert manifest.compare_versions("2.0.0-rc1", "2.0.0-beta") == 1
     with pytest.raises(ValueError):
         manifest.version_key("1.x")
+
+
+# --------------------------------------------------------------------------- type bound to the topic
+
+
+def test_manifest_type_is_required_and_must_be_manifest(env: dict[str, Any]) -> None:
+    assert field_reason(env, type=None) == "signature: message has no type"
+    assert field_reason(env, type="cancel") == "signature: type 'cancel' where 'manifest' is expected"
+    # the previous release's signature form still verifies this release, the type rule included
+    body = {k: v for k, v in signed(env["art"], env["key"]).items() if k != "sig"}
+    assert manifest.verify(legacy_sign(body, env["key"]), env["trusted"]).job == "j1"
+    untyped = {k: v for k, v in body.items() if k != "type"}
+    assert "message has no type" in reason(lambda: manifest.verify(legacy_sign(untyped, env["key"]),
+                                                                   env["trusted"]))
+
+
+# --------------------------------------------------------------------------- audience
+
+
+@pytest.mark.parametrize(("targets", "expected"), [
+    ({"devices": ["devB"]}, "not for this device: targets.devices [devB] does not name devA"),
+    ({"groups": ["line3"]}, "not for this device: targets.groups [line3] holds none of its groups "
+                            "(line1,north)"),
+    ({"devices": ["devA"], "groups": ["line3"]}, "targets.groups [line3]"),  # every list must match
+    ({"devices": ["devB"], "groups": ["line1"]}, "targets.devices [devB]"),
+    ({"devices": [f"d{i}" for i in range(9)]}, "targets.devices [d0,d1,d2,d3,d4,... (9 in all)]"),
+])
+def test_audience_not_matching_is_refused(env: dict[str, Any], targets: dict[str, Any],
+                                          expected: str) -> None:
+    m = manifest.verify(signed(env["art"], env["key"], devices=targets.get("devices"),
+                               groups=targets.get("groups")), env["trusted"])
+    assert expected in reason(lambda: manifest.check(m, checks()))
+    assert m.audience.devices == (tuple(targets["devices"]) if "devices" in targets else None)
+
+
+def test_audience_matching_passes(env: dict[str, Any]) -> None:
+    for kw in ({"devices": ["devB", "devA"]}, {"groups": ["north"]},
+               {"devices": ["devA"], "groups": ["line1"]}, {}):
+        manifest.check(manifest.verify(signed(env["art"], env["key"], **kw), env["trusted"]), checks())
+    # a device in no group is outside every group audience
+    m = manifest.verify(signed(env["art"], env["key"], groups=["line1"]), env["trusted"])
+    assert "holds none of its groups ((none))" in reason(lambda: manifest.check(m, checks(groups=())))
+
+
+def test_malformed_audience_is_refused(env: dict[str, Any]) -> None:
+    assert "targets must be an object" in field_reason(env, targets=["devA"])
+    assert "targets.devices must be a non-empty list" in field_reason(env, targets={"devices": "devA"})
+    assert "targets.devices must be a non-empty list" in field_reason(env, targets={"devices": []})
+    assert "'../x' is not a device id" in field_reason(env, targets={"devices": ["../x"]})
+    assert "targets.groups: 7 is not" in field_reason(env, targets={"groups": [7]})
+    assert "at most 1024 (use a group)" in field_reason(env, targets={"devices": ["d"] * 1025})
+
+
+# --------------------------------------------------------------------------- signed numbers
+
+
+def test_bounds_on_signed_numbers(env: dict[str, Any], tmp_path: Path) -> None:
+    size = 4096 * 3 - 5
+    assert "chunk_size 1024 is below 4096 bytes" in field_reason(
+        env, size=size, chunk_size=1024, chunks=12, chunk_sha256=["0" * 64] * 12)
+    assert "65537 chunks, at most 65536" in field_reason(env, size=4096 * 65537, chunk_size=4096,
+                                                         chunks=65537)
+    assert "chunk_size must be a positive integer" in field_reason(env, chunk_size=0)
+    assert "chunks must be a positive integer" in field_reason(env, chunks=-1)
+    assert "chunk_size must be an integer" in field_reason(env, chunk_size=65536.0)  # exact integers only
+    assert "missing field 'chunk_sha256' (the per-chunk sha256 list is required)" in field_reason(
+        env, chunk_sha256=None)
+    # a single chunk may be smaller than 4 KiB (a small file), and chunk_size may exceed the size
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"x" * 100)
+    for chunk_size in (100, 1000):
+        m = manifest.verify(signed(small, env["key"], chunk_size=chunk_size), env["trusted"])
+        assert (m.chunks, m.chunk_len(0)) == (1, 100)
+    # the configured caps are checked before anything else in check() (before any allocation)
+    m = manifest.verify(signed(env["art"], env["key"], ttl_s=1, issued_at=time.time() - 100,
+                               devices=["devB"]), env["trusted"])
+    assert reason(lambda: manifest.check(m, checks(max_size=1000))).startswith("artifact too large")
+    assert reason(lambda: manifest.check(m, checks(max_chunk=4096))).startswith("chunk_size 65536 > limit")
+
+
+def test_push_builds_what_devices_accept_and_refuses_what_they_would_not(tmp_path: Path) -> None:
+    art = tmp_path / "a.bin"
+    art.write_bytes(bytes(range(256)) * 100)
+    m = build_manifest(art, job="j", kind="model", name="n", version="1.0.0", chunk_size=4096,
+                       devices=["devA"], groups=["line1"], arch=["aarch64"])
+    assert m["type"] == "manifest" and m["chunks"] == 7 and len(m["chunk_sha256"]) == 7
+    assert m["targets"] == {"arch": ["aarch64"], "devices": ["devA"], "groups": ["line1"]}
+    with pytest.raises(ValueError, match="at least 4096"):
+        build_manifest(art, job="j", kind="model", name="n", version="1.0.0", chunk_size=2048)
+    one = build_manifest(art, job="j", kind="model", name="n", version="1.0.0", chunk_size=1 << 20)
+    assert one["chunks"] == 1
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(4096 * 65536 + 1)  # sparse: no disk used
+    with pytest.raises(ValueError, match="at most 65536"):
+        build_manifest(big, job="j", kind="model", name="n", version="1.0.0", chunk_size=4096)
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty file"):
+        build_manifest(tmp_path / "empty", job="j", kind="model", name="n", version="1.0.0")
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+def cancel(key: Ed25519PrivateKey, **kw: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"v": 1, "type": "cancel", "job": "j1", "issued_at": time.time(), **kw}
+    return signing.sign({k: v for k, v in body.items() if v is not None}, key, KEY_ID)
+
+
+def cancel_reason(env: dict[str, Any], msg: dict[str, Any], job: str = "j1") -> str:
+    return reason(lambda: manifest.verify_cancel(msg, job, env["trusted"], "devA", ("line1",)))
+
+
+def test_cancel_accepted(env: dict[str, Any]) -> None:
+    for msg in (cancel(env["key"]), cancel(env["key"], targets={"devices": ["devA"], "groups": ["line1"]}),
+                legacy_sign({"v": 1, "type": "cancel", "job": "j1", "issued_at": 1e9}, env["key"])):
+        manifest.verify_cancel(msg, "j1", env["trusted"], "devA", ("line1",))
+
+
+def test_cancel_refusals(env: dict[str, Any]) -> None:
+    key = env["key"]
+    replayed = signed(env["art"], key)  # j1's own manifest, published on j1's cancel topic
+    assert cancel_reason(env, replayed) == "cancel signature: type 'manifest' where 'cancel' is expected"
+    body = {"v": 1, "job": "j1", "issued_at": 1e9}  # signed in RFC 8785 by hand: `sign` refuses it
+    untyped = {**body, "sig": {"alg": "ed25519", "key_id": KEY_ID,
+                               "value": base64.b64encode(key.sign(signing.canonical(body))).decode()}}
+    assert cancel_reason(env, untyped) == "cancel signature: message has no type"
+    untyped = legacy_sign({"v": 1, "job": "j1", "issued_at": 1e9}, key)  # what the old release signed
+    assert cancel_reason(env, untyped) == "cancel signature: message has no type"
+    assert cancel_reason(env, cancel(key), job="j2") == "cancel names job 'j1', topic says 'j2'"
+    assert cancel_reason(env, cancel(key, targets={"devices": ["devB"]})) == (
+        "cancel not for this device: targets.devices [devB] does not name devA")
+    assert "targets.groups [line9]" in cancel_reason(env, cancel(key, targets={"groups": ["line9"]}))
+    assert "targets.devices must be" in cancel_reason(env, cancel(key, targets={"devices": "devA"}))
+    for issued_at in (None, "now", True, -1):
+        assert "cancel: issued_at must be a time" in cancel_reason(env, cancel(key, issued_at=issued_at))
+    forged = {**cancel(key), "job": "j2"}
+    assert "bad signature" in cancel_reason(env, forged, job="j2")

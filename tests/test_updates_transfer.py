@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -20,13 +21,11 @@ from tests.updates_helpers import MODEL, make_keys, signed
 CHUNK = 4096
 
 
-def make(tmp: Path, data: bytes, with_chunk_sha: bool = True) -> tuple[manifest.Manifest, Path]:
+def make(tmp: Path, data: bytes) -> tuple[manifest.Manifest, Path]:
     art = tmp / "src.bin"
     art.write_bytes(data)
     key, _ = make_keys(tmp / "keys")
     msg = signed(art, key, chunk_size=CHUNK)
-    if not with_chunk_sha:
-        msg = {k: v for k, v in msg.items() if k != "chunk_sha256"}
     return manifest.parse(msg), art
 
 
@@ -72,13 +71,14 @@ def test_bad_chunks_are_never_written(tmp_path: Path, index: int, payload: bytes
     assert (tmp_path / "job" / "artifact.part").read_bytes() == b"\x00" * len(data)
 
 
-def test_sha256_mismatch_without_chunk_hashes(tmp_path: Path) -> None:
+def test_sha256_mismatch_of_the_whole_file(tmp_path: Path) -> None:
     data = os.urandom(CHUNK * 2)
-    m, _ = make(tmp_path, data, with_chunk_sha=False)
+    m, _ = make(tmp_path, data)
+    m = dataclasses.replace(m, sha256="0" * 64)  # every chunk passes its own hash, the file does not
     t = Transfer(tmp_path / "job", m)
     t.open()
-    t.write(0, chunks(data)[0])
-    t.write(1, b"\xff" * CHUNK)  # right size, wrong bytes: only the whole-file hash can tell
+    for i, part in enumerate(chunks(data)):
+        t.write(i, part)
     assert t.finish() != m.sha256
     assert not t.artifact_path.exists()
 

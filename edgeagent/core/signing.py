@@ -1,19 +1,27 @@
-"""Ed25519 signatures over canonical JSON (manifests, cancels, desired configs).
+"""Ed25519 signatures over canonical JSON (manifests, cancels, desired configs), bound to their purpose.
 
-Trusted public keys come from the device's config (PEM files as `openssl pkey -pubout` writes them),
-never from a message.
+The signature covers the RFC 8785 (JCS) form of the message without `sig`, so a signer in any
+language can reproduce the bytes. Every signed message names its `type` inside those bytes and the
+verifier says which type it expects: a manifest can never be replayed as a cancel or a config.
+During one release a signature over the older form (`legacy_canonical`) is accepted too, and the
+`type` requirement holds for it as well. Trusted public keys come from the device's config (PEM files
+as `openssl pkey -pubout` writes them), never from a message.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import rfc8785
+
 from edgeagent.core.errors import ConfigError, SignatureInvalid
-from edgeagent.core.protocol import canonical
+from edgeagent.core.logs import Once
 
 # cryptography costs ~8 MiB of RSS: imported on first use, so an agent without updates or
 # remote config (and a monitor-only board) never pays for it
@@ -21,6 +29,26 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 ALG = "ed25519"
+TYPES = ("manifest", "cancel", "config")
+
+log = logging.getLogger(__name__)
+_once = Once(log)
+
+
+def _body(message: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in message.items() if k != "sig"}
+
+
+def canonical(message: Mapping[str, Any]) -> bytes:
+    """The bytes a signature covers: RFC 8785 of the message without `sig`.
+    ValueError (rfc8785.CanonicalizationError) for what JCS cannot express exactly: an integer
+    beyond +-(2^53-1), NaN or infinity, a lone surrogate."""
+    return rfc8785.dumps(_body(message))
+
+
+def legacy_canonical(message: Mapping[str, Any]) -> bytes:
+    """The form signed before RFC 8785 (sorted, compact, UTF-8); accepted by `verify` for one release."""
+    return json.dumps(_body(message), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
@@ -82,15 +110,28 @@ def generate_keypair(private_path: Path, public_path: Path) -> None:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
-def sign(message: dict[str, Any], key: Ed25519PrivateKey, key_id: str) -> dict[str, Any]:
-    """A copy of `message` with its `sig` over the canonical JSON of everything else."""
+def sign(message: Mapping[str, Any], key: Ed25519PrivateKey, key_id: str) -> dict[str, Any]:
+    """A copy of `message` with its `sig` over the RFC 8785 form of everything else.
+    ValueError when the message has no string `type` (a device would refuse it) or cannot be
+    canonicalised."""
+    kind = message.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"message has no \"type\" (one of {', '.join(TYPES)}): a device refuses it")
     value = base64.b64encode(key.sign(canonical(message))).decode()
-    return {**{k: v for k, v in message.items() if k != "sig"},
-            "sig": {"alg": ALG, "key_id": key_id, "value": value}}
+    return {**_body(message), "sig": {"alg": ALG, "key_id": key_id, "value": value}}
 
 
-def verify(message: dict[str, Any], trusted: Mapping[str, Ed25519PublicKey]) -> str:
-    """Check `message["sig"]`; return the key id that signed it or raise SignatureInvalid."""
+def verify(message: Mapping[str, Any], trusted: Mapping[str, Ed25519PublicKey], expected_type: str) -> str:
+    """Check the message's `type`, then `sig`; return the key id that signed it or raise SignatureInvalid.
+
+    The type is looked at first because it is what binds the bytes to the topic they arrived on;
+    it is only trusted once the signature over it checks out."""
+    kind = message.get("type")
+    if kind is None:
+        raise SignatureInvalid("message has no type")
+    if kind != expected_type:
+        shown = repr(kind) if isinstance(kind, str) else f"a {type(kind).__name__}"
+        raise SignatureInvalid(f"type {shown[:80]} where {expected_type!r} is expected")
     sig = message.get("sig")
     if sig is None:
         raise SignatureInvalid("message is not signed (no sig)")
@@ -108,14 +149,25 @@ def verify(message: dict[str, Any], trusted: Mapping[str, Ed25519PublicKey]) -> 
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise SignatureInvalid(f"sig.value: not base64 ({exc})", key_id) from exc
-    try:
-        body = canonical(message)
-    except (UnicodeEncodeError, TypeError, ValueError) as exc:  # lone surrogates, non-JSON values
-        raise SignatureInvalid(f"message cannot be canonicalised: {exc}", key_id) from exc
     from cryptography.exceptions import InvalidSignature
 
-    try:
-        trusted[key_id].verify(raw, body)
-    except InvalidSignature as exc:
-        raise SignatureInvalid(f"bad signature for key id {key_id!r}", key_id) from exc
-    return key_id
+    problems: list[str] = []
+    for form, make in (("RFC 8785", canonical), ("legacy", legacy_canonical)):
+        try:
+            body = make(message)
+        except (UnicodeEncodeError, TypeError, ValueError, RecursionError) as exc:
+            # lone surrogates, integers JCS cannot hold exactly, non-JSON values
+            problems.append(f"{form}: {exc}")
+            continue
+        try:
+            trusted[key_id].verify(raw, body)
+        except InvalidSignature:
+            continue
+        if form == "legacy":
+            _once.warning(f"legacy:{key_id}", "accepted a signature over the legacy canonical form "
+                          "(key id %s, type %s): re-sign with `edgeagent sign`/`push` (RFC 8785); "
+                          "the legacy form is accepted for this release only", key_id, kind)
+        return key_id
+    if len(problems) == 2:
+        raise SignatureInvalid(f"message cannot be canonicalised: {problems[0]}", key_id)
+    raise SignatureInvalid(f"bad signature for key id {key_id!r}", key_id)

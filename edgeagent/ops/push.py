@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 import threading
@@ -25,6 +24,7 @@ from typing import Any
 from edgeagent.core import protocol, signing
 from edgeagent.core.errors import ConfigError, EdgeAgentError
 from edgeagent.core.units import parse_duration_s
+from edgeagent.updates.manifest import MAX_CHUNKS, MIN_CHUNK_SIZE
 
 DEFAULT_CHUNK = 64 * 1024
 MAX_INFLIGHT = 64
@@ -35,25 +35,45 @@ def build_manifest(path: Path, *, job: str, kind: str, name: str, version: str,
                    chunk_size: int = DEFAULT_CHUNK, ttl_s: float = 86400.0,
                    arch: list[str] | None = None, hardware: list[str] | None = None,
                    min_agent: str | None = None, critical: bool = False,
-                   issued_at: float | None = None) -> dict[str, Any]:
-    """An unsigned manifest for `path` (size, sha256 and per-chunk sha256 streamed from disk)."""
+                   issued_at: float | None = None, devices: list[str] | None = None,
+                   groups: list[str] | None = None) -> dict[str, Any]:
+    """An unsigned manifest for `path` (size, sha256 and per-chunk sha256 streamed from disk).
+    ValueError for what every device would refuse (empty file, chunk size or count out of bounds),
+    before a byte is read."""
     size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path}: empty file")
+    chunks = -(-size // chunk_size) if chunk_size > 0 else 0
+    if chunk_size <= 0 or (chunks > 1 and chunk_size < MIN_CHUNK_SIZE):
+        raise ValueError(f"chunk size {chunk_size} bytes: devices need at least {MIN_CHUNK_SIZE} "
+                         f"(only a single-chunk file may be smaller)")
+    if chunks > MAX_CHUNKS:
+        raise ValueError(f"{size} bytes in chunks of {chunk_size} is {chunks} chunks, devices accept at most "
+                         f"{MAX_CHUNKS}: use a larger chunk size")
     whole = hashlib.sha256()
     per_chunk: list[str] = []
+    total = 0
     with open(path, "rb") as f:
         while block := f.read(chunk_size):
+            total += len(block)
             whole.update(block)
             per_chunk.append(hashlib.sha256(block).hexdigest())
     now = issued_at if issued_at is not None else time.time()
-    m: dict[str, Any] = {"v": 1, "job": job, "kind": kind, "name": name, "version": version, "size": size,
-                         "sha256": whole.hexdigest(), "chunk_size": chunk_size,
-                         "chunks": max(1, math.ceil(size / chunk_size)), "chunk_sha256": per_chunk,
+    if len(per_chunk) != chunks or total != size:
+        raise ValueError(f"{path} changed while it was read")
+    m: dict[str, Any] = {"v": 1, "type": "manifest", "job": job, "kind": kind, "name": name,
+                         "version": version, "size": size, "sha256": whole.hexdigest(),
+                         "chunk_size": chunk_size, "chunks": chunks, "chunk_sha256": per_chunk,
                          "issued_at": now, "expires": now + ttl_s, "critical": critical}
     targets: dict[str, list[str]] = {}
     if arch:
         targets["arch"] = arch
     if hardware:
         targets["hardware"] = hardware
+    if devices:
+        targets["devices"] = devices
+    if groups:
+        targets["groups"] = groups
     if targets:
         m["targets"] = targets
     if min_agent:
@@ -214,7 +234,22 @@ def _cmd_sign(args: argparse.Namespace) -> int:
     if not isinstance(doc, dict):
         print("expected a JSON object", file=sys.stderr)
         return 2
-    print(json.dumps(signing.sign(doc, key, args.key_id), ensure_ascii=False, indent=1))
+    if args.type is not None:
+        if "type" in doc and doc["type"] != args.type:
+            print(f"the message says \"type\": {doc['type']!r} but --type is {args.type!r}", file=sys.stderr)
+            return 2
+        doc["type"] = args.type
+    elif doc.get("type") not in signing.TYPES:
+        what = f"has \"type\": {doc['type']!r}" if "type" in doc else "has no \"type\""
+        print(f"the message {what}: devices refuse it; add one or pass --type "
+              f"({'|'.join(signing.TYPES)})", file=sys.stderr)
+        return 2
+    try:
+        signed = signing.sign(doc, key, args.key_id)
+    except ValueError as exc:  # a number or string RFC 8785 cannot express exactly
+        print(f"cannot sign: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(signed, ensure_ascii=False, indent=1))
     return 0
 
 
@@ -247,7 +282,9 @@ def _cmd_push(args: argparse.Namespace) -> int:
         ttl = parse_duration_s(args.expires_in)
         m = build_manifest(path, job=job, kind=args.kind, name=args.name, version=args.version,
                            chunk_size=args.chunk_kb * 1024, ttl_s=ttl, arch=args.arch or None,
-                           hardware=args.hardware or None, min_agent=args.min_agent, critical=args.critical)
+                           hardware=args.hardware or None, min_agent=args.min_agent, critical=args.critical,
+                           devices=[args.device] if args.device else None,
+                           groups=[args.group] if args.group else None)
         signed = signing.sign(m, key, args.key_id)
         url = BrokerUrl.parse(args.broker, args.ca_file, args.cert_file, args.key_file)
         # a persistent session per job: a broker restart mid-push keeps our subscriptions (status,
@@ -289,13 +326,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     sg = sub.add_parser("sign", help="sign a JSON message (manifest, cancel, desired config)")
     sg.add_argument("--key", required=True, help="PEM private key")
     sg.add_argument("--key-id", required=True)
+    sg.add_argument("--type", choices=signing.TYPES,
+                    help="the message's purpose, signed with it (required when the JSON has no \"type\"); "
+                         "a device refuses a message whose type does not fit the topic")
     sg.add_argument("file", help="JSON file, or - for stdin")
     sg.set_defaults(func=_cmd_sign)
 
     ps = sub.add_parser("push", help="sign and push a model or firmware update, follow it to the end")
     target = ps.add_mutually_exclusive_group(required=True)
-    target.add_argument("--device")
-    target.add_argument("--group")
+    target.add_argument("--device", help="the one device it is for (signed as targets.devices)")
+    target.add_argument("--group", help="the group it is for (signed as targets.groups)")
     ps.add_argument("--kind", choices=("model", "firmware"), required=True)
     ps.add_argument("--name", required=True)
     ps.add_argument("--version", required=True)

@@ -201,7 +201,8 @@ class UpdatesComponent:
     def checks(self, m: manifest.Manifest) -> manifest.Checks:
         cfg = self.live.config
         return manifest.Checks(
-            now=time.time(), arch=self.arch, hardware=cfg.device.hardware, agent_version=__version__,
+            now=time.time(), device_id=cfg.device.id, groups=cfg.device.groups, arch=self.arch,
+            hardware=cfg.device.hardware, agent_version=__version__,
             installed_version=self.installed_version(m.kind, m.name),
             newest_issued_at=self.journal.newest_issued.get(f"{m.kind}/{m.name}"),
             max_size=int(cfg.updates.max_artifact_mb * d.MB), max_chunk=int(cfg.updates.max_chunk_kb * 1024))

@@ -162,7 +162,8 @@ class Inputs:
         problem = ""
         try:
             msg = protocol.loads_object(topic, payload)
-            manifest.verify_cancel(msg, job_id, comp.trusted)
+            device = comp.live.config.device
+            manifest.verify_cancel(msg, job_id, comp.trusted, device.id, device.groups)
         except (ProtocolError, ManifestRejected) as exc:
             problem = str(exc)
         job = comp.journal.jobs.get(job_id)

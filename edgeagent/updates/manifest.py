@@ -1,21 +1,23 @@
 """Update manifests: strict parsing and every acceptance check, as pure functions.
 
-Order matters: the signature is verified before anything else is trusted, and every check runs
-before a single byte of the artifact is written to disk.
+Order matters: the signature is verified before anything else is trusted (and it must be over a
+`type` that fits the topic), and every check runs before a single byte of the artifact is written to
+disk or a buffer is sized from the manifest's numbers.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from edgeagent.core import signing
+from edgeagent.core import audience, signing
+from edgeagent.core.audience import Audience
 from edgeagent.core.errors import ManifestRejected, SignatureInvalid
-from edgeagent.core.protocol import canonical
 
 if TYPE_CHECKING:  # cryptography is imported on first use (signing.py): ~8 MiB of RSS
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -25,6 +27,16 @@ JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 VERSION_RE = re.compile(r"^(\d{1,9})(?:\.(\d{1,9})){0,3}(?:-([A-Za-z0-9.]{1,32}))?\Z")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
+# JSON integers every signer's language reads exactly (and RFC 8785 can sign): beyond this a size or
+# a count could mean different numbers to the signer and to us
+MAX_EXACT_INT = 2**53 - 1
+# Below this a hostile manifest turns one artifact into a flood of tiny messages and per-chunk state;
+# a single chunk (a small file) may be shorter.
+MIN_CHUNK_SIZE = 4 * 1024
+# Per-chunk state (received map, digests, request ranges) is held for every chunk of a job: 65,536
+# chunks of the default 64 KiB already carry 4 GiB, far above any artifact cap a board runs with, so
+# a larger count only serves a manifest built to make us allocate.
+MAX_CHUNKS = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +51,14 @@ class Manifest:
     chunks: int
     arch: tuple[str, ...] | None
     hardware: tuple[str, ...] | None
-    chunk_sha256: tuple[str, ...] | None
+    audience: Audience
+    chunk_sha256: tuple[str, ...]
     min_agent: str | None
     issued_at: float
     expires: float
     critical: bool
     key_id: str
-    digest: str  # sha256 of the canonical signed body: identifies "the same manifest"
+    digest: str  # sha256 of the signed body (legacy form): identifies "the same manifest"
 
     def chunk_len(self, index: int) -> int:
         """The exact byte length of chunk `index` (only the last one may be short)."""
@@ -59,6 +72,8 @@ class Checks:
     """What the device knows when deciding whether a manifest applies to it."""
 
     now: float
+    device_id: str
+    groups: tuple[str, ...]
     arch: str
     hardware: str
     agent_version: str
@@ -90,7 +105,11 @@ def compare_versions(a: str, b: str) -> int:
 
 
 def digest_of(message: Mapping[str, Any]) -> str:
-    return hashlib.sha256(canonical(dict(message))).hexdigest()
+    """Identifies "the same manifest" in the journal. Deliberately the legacy form's bytes, so jobs
+    journaled by the previous release keep their identity; surrogatepass, so any parsed JSON has one."""
+    body = {k: v for k, v in message.items() if k != "sig"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _get(msg: Mapping[str, Any], key: str, types: type | tuple[type, ...], what: str) -> Any:
@@ -128,34 +147,31 @@ def parse(msg: Mapping[str, Any]) -> Manifest:
         version_key(version)
     except ValueError as exc:
         raise ManifestRejected(f"manifest: {exc}", job) from None
-    size = _get(msg, "size", int, "an integer")
-    chunk_size = _get(msg, "chunk_size", int, "an integer")
-    chunks = _get(msg, "chunks", int, "an integer")
-    if not (0 < size < 2**53 and 0 < chunk_size < 2**53 and 0 < chunks < 2**53):
-        raise ManifestRejected("manifest: size, chunk_size and chunks must be positive (below 2^53)", job)
-    expected_chunks = -(-size // chunk_size)  # exact integer ceil: no float rounding
-    if chunks != expected_chunks:
-        raise ManifestRejected(f"manifest: size mismatch: {size} bytes in chunks of {chunk_size} is "
-                               f"{expected_chunks} chunks, manifest says {chunks}", job)
+    size, chunk_size, chunks = _sizes(msg, job)
     sha = _get(msg, "sha256", str, "a string")
     if not SHA256_RE.match(sha):
         raise ManifestRejected("manifest: sha256 must be 64 lowercase hex digits", job)
     arch = hardware = None
-    if "targets" in msg:
-        targets = msg["targets"]
-        if not isinstance(targets, dict):
-            raise ManifestRejected("manifest: targets must be an object", job)
+    targets = msg.get("targets")
+    try:
+        who = audience.parse(targets)
+    except audience.AudienceError as exc:
+        raise ManifestRejected(f"manifest: {exc}", job) from None
+    if isinstance(targets, dict):
         if "arch" in targets:
             arch = _str_list(targets["arch"], "targets.arch")
         if "hardware" in targets:
             hardware = _str_list(targets["hardware"], "targets.hardware")
-    chunk_sha = None
-    if "chunk_sha256" in msg:
-        raw = msg["chunk_sha256"]
-        if not isinstance(raw, list) or len(raw) != chunks or not all(
-                isinstance(h, str) and SHA256_RE.match(h) for h in raw):
-            raise ManifestRejected(f"manifest: chunk_sha256 must list {chunks} sha256 hex digests", job)
-        chunk_sha = tuple(raw)
+    if "chunk_sha256" not in msg:
+        # each chunk is checked before it is written: without the list a forged chunk is only found
+        # once the whole artifact has been stored (`edgeagent push` always fills it)
+        raise ManifestRejected("manifest: missing field 'chunk_sha256' (the per-chunk sha256 list is "
+                               "required)", job)
+    raw = msg["chunk_sha256"]
+    if not isinstance(raw, list) or len(raw) != chunks or not all(
+            isinstance(h, str) and SHA256_RE.match(h) for h in raw):
+        raise ManifestRejected(f"manifest: chunk_sha256 must list {chunks} sha256 hex digests", job)
+    chunk_sha = tuple(raw)
     min_agent = None
     if "min_agent" in msg:
         min_agent = _get(msg, "min_agent", str, "a string")
@@ -167,9 +183,10 @@ def parse(msg: Mapping[str, Any]) -> Manifest:
         issued_at = float(_get(msg, "issued_at", (int, float), "a number"))
         expires = float(_get(msg, "expires", (int, float), "a number"))
     except OverflowError:
-        raise ManifestRejected("manifest: issued_at and expires must be finite times", job) from None
-    if not (math.isfinite(issued_at) and math.isfinite(expires)):
-        raise ManifestRejected("manifest: issued_at and expires must be finite times", job)
+        raise ManifestRejected("manifest: issued_at and expires must be finite, non-negative times",
+                               job) from None
+    if not (math.isfinite(issued_at) and math.isfinite(expires) and issued_at >= 0):
+        raise ManifestRejected("manifest: issued_at and expires must be finite, non-negative times", job)
     if expires <= issued_at:
         raise ManifestRejected("manifest: expires must be after issued_at", job)
     critical = msg.get("critical", False)
@@ -179,23 +196,53 @@ def parse(msg: Mapping[str, Any]) -> Manifest:
     key_id = sig.get("key_id") if isinstance(sig, dict) else None
     return Manifest(job=job, kind=kind, name=name, version=version, size=size, sha256=sha,
                     chunk_size=chunk_size, chunks=chunks, arch=arch, hardware=hardware,
-                    chunk_sha256=chunk_sha, min_agent=min_agent, issued_at=issued_at, expires=expires,
-                    critical=critical, key_id=key_id if isinstance(key_id, str) else "",
+                    audience=who, chunk_sha256=chunk_sha, min_agent=min_agent, issued_at=issued_at,
+                    expires=expires, critical=critical, key_id=key_id if isinstance(key_id, str) else "",
                     digest=digest_of(msg))
 
 
+def _sizes(msg: Mapping[str, Any], job: str) -> tuple[int, int, int]:
+    """size, chunk_size, chunks: exact integers, consistent, within what a device can hold."""
+    size = _get(msg, "size", int, "an integer")
+    chunk_size = _get(msg, "chunk_size", int, "an integer")
+    chunks = _get(msg, "chunks", int, "an integer")
+    for key, value in (("size", size), ("chunk_size", chunk_size), ("chunks", chunks)):
+        if not 0 < value <= MAX_EXACT_INT:
+            shown = str(value) if value < 10**20 else "a huge integer"
+            raise ManifestRejected(f"manifest: {key} must be a positive integer up to 2^53-1, got {shown}",
+                                   job)
+    if chunks > MAX_CHUNKS:
+        raise ManifestRejected(f"manifest: {chunks} chunks, at most {MAX_CHUNKS}", job)
+    expected_chunks = -(-size // chunk_size)  # exact integer ceil: no float rounding
+    if chunks != expected_chunks:
+        raise ManifestRejected(f"manifest: size mismatch: {size} bytes in chunks of {chunk_size} is "
+                               f"{expected_chunks} chunks, manifest says {chunks}", job)
+    if chunks > 1 and chunk_size < MIN_CHUNK_SIZE:
+        raise ManifestRejected(f"manifest: chunk_size {chunk_size} is below {MIN_CHUNK_SIZE} bytes "
+                               f"(only a single-chunk artifact may be smaller)", job)
+    return size, chunk_size, chunks
+
+
 def verify(msg: Mapping[str, Any], trusted: Mapping[str, Ed25519PublicKey]) -> Manifest:
-    """Signature first (nothing unsigned is even parsed further), then the strict parse."""
+    """Signature (over `"type": "manifest"`) first: nothing unsigned is even parsed further."""
     job = msg.get("job") if isinstance(msg.get("job"), str) else None
     try:
-        signing.verify(dict(msg), trusted)
+        signing.verify(msg, trusted, "manifest")
     except SignatureInvalid as exc:
         raise ManifestRejected(f"signature: {exc.reason}", job) from None
     return parse(msg)
 
 
 def check(m: Manifest, c: Checks) -> None:
-    """Every policy check on a verified manifest; ManifestRejected with the measured facts."""
+    """Every policy check on a verified manifest; ManifestRejected with the measured facts.
+    The limits come first: nothing sized from the manifest is allocated before check() passes."""
+    if m.size > c.max_size:
+        raise ManifestRejected(f"artifact too large: {m.size} bytes > limit {c.max_size}", m.job)
+    if m.chunk_size > c.max_chunk:
+        raise ManifestRejected(f"chunk_size {m.chunk_size} > limit {c.max_chunk}", m.job)
+    not_ours = audience.problem(m.audience, c.device_id, c.groups)
+    if not_ours is not None:
+        raise ManifestRejected(not_ours, m.job)
     if c.now >= m.expires:
         raise ManifestRejected(f"expired: expires {m.expires:.0f} <= now {c.now:.0f}", m.job)
     if m.issued_at > c.now + 300:
@@ -207,10 +254,6 @@ def check(m: Manifest, c: Checks) -> None:
                                f"targets {','.join(m.hardware)}", m.job)
     if m.min_agent is not None and compare_versions(m.min_agent, c.agent_version) > 0:
         raise ManifestRejected(f"needs agent >= {m.min_agent}, running {c.agent_version}", m.job)
-    if m.size > c.max_size:
-        raise ManifestRejected(f"artifact too large: {m.size} bytes > limit {c.max_size}", m.job)
-    if m.chunk_size > c.max_chunk:
-        raise ManifestRejected(f"chunk_size {m.chunk_size} > limit {c.max_chunk}", m.job)
     if c.installed_version is not None and compare_versions(m.version, c.installed_version) <= 0:
         raise ManifestRejected(f"rollback refused: version {m.version} is not above installed "
                                f"{c.installed_version}", m.job)
@@ -219,11 +262,25 @@ def check(m: Manifest, c: Checks) -> None:
                                f"accepted {m.kind} {m.name} manifest ({c.newest_issued_at:.0f})", m.job)
 
 
-def verify_cancel(msg: Mapping[str, Any], job: str, trusted: Mapping[str, Ed25519PublicKey]) -> None:
-    """A cancel must be signed like a manifest and name the job of its topic."""
+def verify_cancel(msg: Mapping[str, Any], job: str, trusted: Mapping[str, Ed25519PublicKey],
+                  device_id: str, groups: Sequence[str]) -> None:
+    """A cancel must be signed over `"type": "cancel"` (a replayed manifest is not one), name the job
+    of its topic, be meant for this device and say when it was issued."""
     try:
-        signing.verify(dict(msg), trusted)
+        signing.verify(msg, trusted, "cancel")
     except SignatureInvalid as exc:
         raise ManifestRejected(f"cancel signature: {exc.reason}", job) from None
     if msg.get("job") != job:
-        raise ManifestRejected(f"cancel names job {msg.get('job')!r}, topic says {job!r}", job)
+        named = msg.get("job")
+        raise ManifestRejected(f"cancel names job {str(named)[:80]!r}, topic says {job!r}", job)
+    try:
+        not_ours = audience.problem(audience.parse(msg.get("targets")), device_id, groups)
+    except audience.AudienceError as exc:
+        raise ManifestRejected(f"cancel: {exc}", job) from None
+    if not_ours is not None:
+        raise ManifestRejected(f"cancel {not_ours}", job)
+    issued_at = msg.get("issued_at")
+    if isinstance(issued_at, bool) or not isinstance(issued_at, (int, float)) or not (
+            0 <= issued_at <= MAX_EXACT_INT):
+        raise ManifestRejected(f"cancel: issued_at must be a time in Unix seconds, got {issued_at!r}"[:160],
+                               job)
