@@ -60,8 +60,8 @@ REQUEST_MAX_BYTES = 64 * 1024
 MANIFEST_MAX_BYTES = 8 * 1024 * 1024
 OUTPUT_MAX_BYTES = 4096
 DEFAULT_TIMEOUT_S = 1800.0
-# Root-only (the installer unit's StateDirectory=): where a validated artifact gets a name the agent
-# cannot swap before the command opens it.
+# Root-only (the installer unit's StateDirectory=): where the verified copy of an artifact lives while
+# the command runs, out of the agent's reach.
 DEFAULT_STAGING_DIR = Path("/var/lib/edgeagent-installer")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, default=Path("/var/lib/edgeagent"))
     parser.add_argument("--config", type=Path, default=Path("/etc/edgeagent/installer.toml"))
     parser.add_argument("--staging-dir", type=Path, default=DEFAULT_STAGING_DIR,
-                        help="root-only directory on the state dir's file system")
+                        help="root-only directory for the verified copy of an artifact (room for one image)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     config: InstallerConfig | InstallerConfigError
