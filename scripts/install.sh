@@ -24,6 +24,9 @@ usage: scripts/install.sh [options]
   --venv-from DIR       use an existing venv (linked as /opt/edgeagent/venv) instead of building one
   --no-venv             skip the venv step
   --installer-preset P  rauc | swupdate | mender | script for a new installer.toml (default: detected)
+  --trusted-key ID=PEM  install the update-signing public key PEM as /etc/edgeagent/keys/ID.pem
+                        (root, 0644; repeatable) and trust it in a new installer.toml: the root
+                        helper installs only firmware whose manifest one of these keys signed
   --min-free-mb N       free space needed below the prefix (default 400)
   --skip-checks         install even if the board checks fail
   --dry-run             print every step without doing it
@@ -35,7 +38,7 @@ EOF
 
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PREFIX=/ CONFIG_SRC="" BOARD="" SVC_USER=edgeagent CREATE_USER=1 PYTHON=python3 RUNTIME=auto
-WHEEL="" VENV_FROM="" NO_VENV=0 PRESET="" MIN_FREE_MB=400 SKIP_CHECKS=0 DRY_RUN=0 UNINSTALL=0 PURGE=0
+WHEEL="" VENV_FROM="" NO_VENV=0 PRESET="" TRUSTED_KEYS=() MIN_FREE_MB=400 SKIP_CHECKS=0 DRY_RUN=0 UNINSTALL=0 PURGE=0
 DETECT_ROOT="${EDGEAGENT_DETECT_ROOT:-}"  # tests point board detection at a fake /proc and /etc
 
 while [ $# -gt 0 ]; do
@@ -51,6 +54,7 @@ while [ $# -gt 0 ]; do
         --venv-from) VENV_FROM="$2"; shift ;;
         --no-venv) NO_VENV=1 ;;
         --installer-preset) PRESET="$2"; shift ;;
+        --trusted-key) TRUSTED_KEYS+=("$2"); shift ;;
         --min-free-mb) MIN_FREE_MB="$2"; shift ;;
         --skip-checks) SKIP_CHECKS=1 ;;
         --dry-run) DRY_RUN=1 ;;
@@ -68,6 +72,11 @@ ok() { echo "    ok: $*"; }
 
 case "$RUNTIME" in auto|tflite|litert|none) ;; *) die "--runtime must be auto, tflite, litert or none" ;; esac
 [ -z "$WHEEL" ] || [ -f "$WHEEL" ] || die "--wheel $WHEEL: no such file"
+for k in "${TRUSTED_KEYS[@]+"${TRUSTED_KEYS[@]}"}"; do
+    [[ "$k" =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}=.+ ]] || die "--trusted-key $k: expected ID=FILE (ID: A-Z a-z 0-9 . _ -)"
+    [ -f "${k#*=}" ] || die "--trusted-key $k: no such file"
+    grep -q -- "-----BEGIN PUBLIC KEY-----" "${k#*=}" || die "--trusted-key $k: not a PEM public key (openssl pkey -pubout)"
+done
 
 # Final paths (as the units see them) and where they land below the prefix.
 OPT=/opt/edgeagent VENV=/opt/edgeagent/venv ETC=/etc/edgeagent STATE=/var/lib/edgeagent
@@ -383,9 +392,17 @@ step_config() {
         [ -f "$src" ] || die "no config for board $board ($src); pass --config"
     fi
     ensure_config "$src" "$ETC/config.toml" 0640 root "$g" "$explicit"
+    local k keys=""
+    for k in "${TRUSTED_KEYS[@]+"${TRUSTED_KEYS[@]}"}"; do
+        # Root's copy (the agent's config names the same path): only root can change what it trusts.
+        ensure_file "${k#*=}" "$ETC/keys/${k%%=*}.pem" 0644 root root
+        keys="${keys:+$keys, }\"${k%%=*}\" = \"$ETC/keys/${k%%=*}.pem\""
+    done
     if [ -f "$(P "$ETC/installer.toml")" ]; then
         # Never rewritten: it is root's policy. The manifest keeps the checksum we wrote, if ours.
         ok "$ETC/installer.toml (kept)"
+        grep -q '^[[:space:]]*trusted_keys[[:space:]]*=' "$(P "$ETC/installer.toml")" 2>/dev/null \
+            || echo "    warning: $ETC/installer.toml has no trusted_keys: the root helper refuses every firmware install"
         return 0
     fi
     preset="${PRESET:-$(detect_preset)}"
@@ -395,6 +412,14 @@ step_config() {
         echo "# here, never one from the agent's request. See /opt/edgeagent/docs/install.md."
         echo "preset = \"$preset\"   # rauc | swupdate | mender | script"
         echo "timeout_s = 1800"
+        echo "# Firmware is installed only if its signed manifest verifies with one of these keys (root-owned"
+        echo "# files in root-owned directories; a key file others could write stops the helper). Without"
+        echo "# trusted_keys every install is refused."
+        if [ -n "$keys" ]; then
+            echo "trusted_keys = { $keys }"
+        else
+            echo "# trusted_keys = { \"ops-2026\" = \"$ETC/keys/ops-2026.pem\" }"
+        fi
         [ "$preset" = script ] && echo "# script = \"/usr/local/libexec/edgeagent-firmware\"   # called as: script <op> [artifact]"
         echo "# [commands]   # per-op overrides, argv lists; {artifact} is replaced inside one argument"
         echo "# install = [\"/usr/bin/rauc\", \"install\", \"{artifact}\"]"

@@ -206,3 +206,47 @@ def test_bad_usage(tmp_path: Path) -> None:
     proc = subprocess.run(["bash", str(SCRIPT), "--uninstall", "--prefix", str(tmp_path)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 1 and "nothing installed here" in proc.stderr
+
+
+def test_trusted_keys_are_installed_root_owned_and_trusted_by_the_root_helper(tmp_path: Path) -> None:
+    from edgeagent.core import signing
+    from edgeagent.updates.privileged import load_config
+
+    pub = tmp_path / "ops-2026.pem"
+    signing.generate_keypair(tmp_path / "ops-2026.key", pub)
+    prefix = tmp_path / "root"
+    prefix.mkdir()
+    dry = install(prefix, "--dry-run", "--no-venv", "--trusted-key", f"ops-2026={pub}")
+    assert list(prefix.iterdir()) == []
+    assert any(f"{pub} {prefix}/etc/edgeagent/keys/ops-2026.pem" in line
+               for line in dry.stdout.splitlines() if "[dry-run] install -m 0644" in line), dry.stdout
+
+    install(prefix, "--no-venv", "--trusted-key", f"ops-2026={pub}")
+    key = prefix / "etc/edgeagent/keys/ops-2026.pem"
+    assert key.read_bytes() == pub.read_bytes()
+    assert key.stat().st_mode & 0o777 == 0o644 and (not IS_ROOT or key.stat().st_uid == 0)
+    text = (prefix / "etc/edgeagent/installer.toml").read_text()
+    assert 'trusted_keys = { "ops-2026" = "/etc/edgeagent/keys/ops-2026.pem" }' in text
+    # What the helper would read on the board (the prefix stands in for /).
+    board_view = tmp_path / "installer.toml"
+    board_view.write_text(text.replace("/etc/edgeagent/keys", str(prefix / "etc/edgeagent/keys")))
+    board_view.chmod(0o600)
+    assert set(load_config(board_view).trusted_keys) == {"ops-2026"}
+
+    before = snapshot(prefix)
+    again = install(prefix, "--no-venv", "--trusted-key", f"ops-2026={pub}")
+    assert snapshot(prefix) == before
+    assert [ln for ln in again.stdout.splitlines() if ln.startswith("    + ")] == []
+
+    bad = install(prefix, "--no-venv", "--trusted-key", f"ops-2026={tmp_path / 'ops-2026.key'}", check=False)
+    assert bad.returncode != 0 and "not a PEM public key" in bad.stderr
+
+
+def test_an_installer_toml_without_trusted_keys_is_written_commented_and_warned_about(tmp_path: Path) -> None:
+    prefix = tmp_path / "root"
+    prefix.mkdir()
+    install(prefix, "--no-venv")
+    text = (prefix / "etc/edgeagent/installer.toml").read_text()
+    assert "# trusted_keys = {" in text and "every install is refused" in text
+    again = install(prefix, "--no-venv")
+    assert "has no trusted_keys: the root helper refuses every firmware install" in again.stdout

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgeagent.core import signing
 from edgeagent.core.errors import InstallerCommandError, InstallerConfigError, RequestRejected
 from edgeagent.core.fsutil import atomic_write_json
 from edgeagent.updates.installer_presets import OPS, PRESETS, command_for, parse_slot
@@ -20,9 +24,9 @@ from edgeagent.updates.privileged import (
     load_config,
     open_artifact,
     parse_request,
-    staged_artifact,
     tail,
 )
+from edgeagent.updates.privileged_checks import check_manifest, load_trusted_keys, verified_copy
 from tests.util import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAKE_AB = """#!/bin/sh
 set -eu
 AB={ab}
+echo "$1" >> "$AB/ops.log"
 booted=$(cat "$AB/booted")
 if [ "$booted" = A ]; then other=B; else other=A; fi
 case "$1" in
@@ -50,10 +55,35 @@ esac
 """
 
 
-class Device:
-    """A state dir as the agent leaves it, a root-owned installer.toml, and the fake A/B system."""
+KEY_ID = "ops-test"
 
-    def __init__(self, tmp: Path, extra_config: str = "") -> None:
+
+def make_key(d: Path, key_id: str = KEY_ID) -> tuple[Ed25519PrivateKey, Path]:
+    """A real ed25519 key pair; the public PEM root-owned (the tests run as root) and 0644."""
+    d.mkdir(parents=True, exist_ok=True)
+    d.chmod(0o755)
+    priv, pub = d / f"{key_id}.key", d / f"{key_id}.pem"
+    signing.generate_keypair(priv, pub)
+    pub.chmod(0o644)
+    return signing.load_private_key(priv), pub
+
+
+def firmware_manifest(data: bytes, key: Ed25519PrivateKey, key_id: str = KEY_ID,
+                      **fields: Any) -> dict[str, Any]:
+    """A signed firmware manifest for `data`, as the operator's push would make it (issue 21: with type)."""
+    now = time.time()
+    body: dict[str, Any] = {
+        "v": 1, "type": "manifest", "job": "j1", "kind": "firmware", "name": "rootfs", "version": "2.0.0",
+        "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "chunk_size": max(1, len(data)),
+        "chunks": 1, "issued_at": now - 60, "expires": now + 3600, **fields}
+    return signing.sign(body, key, key_id)
+
+
+class Device:
+    """A state dir as the agent leaves it, a root-owned installer.toml with root-owned trusted keys,
+    and the fake A/B system."""
+
+    def __init__(self, tmp: Path, extra_config: str = "", keys: str | None = None) -> None:
         self.tmp = tmp
         self.state = tmp / "state"
         (self.state / "installer").mkdir(parents=True)
@@ -66,17 +96,36 @@ class Device:
         self.script.write_text(FAKE_AB.format(ab=self.ab))
         self.script.chmod(0o755)
         self.staging = tmp / "staging"
+        self.key, self.pub = make_key(tmp / "keys")
+        if keys is None:
+            keys = f'trusted_keys = {{ "{KEY_ID}" = "{self.pub}" }}\n'
         self.config = tmp / "installer.toml"
-        self.config.write_text(f'preset = "script"\nscript = "{self.script}"\ntimeout_s = 20\n{extra_config}')
+        self.config.write_text(f'preset = "script"\nscript = "{self.script}"\ntimeout_s = 20\n{keys}'
+                               f'{extra_config}')
         self.config.chmod(0o644)
 
-    def artifact(self, job: str = "j1", name: str = "fw.img", data: bytes = b"firmware 2.0\n") -> Path:
+    def artifact(self, job: str = "j1", name: str = "fw.img", data: bytes = b"firmware 2.0\n",
+                 manifest: dict[str, Any] | None = None) -> Path:
+        """The artifact and, beside it, the job's signed manifest (for `data` unless given)."""
         path = self.state / "updates" / job / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+        self.write_manifest(path, manifest or firmware_manifest(data, self.key, job=job))
         return path
 
+    def write_manifest(self, artifact: Path, manifest: dict[str, Any]) -> None:
+        atomic_write_json(artifact.with_name("manifest.json"), manifest)
+
+    @property
+    def ops(self) -> list[str]:
+        """The ops the fake A/B tool was run for: proof that a refused request ran nothing."""
+        log = self.ab / "ops.log"
+        return log.read_text().split() if log.exists() else []
+
     def request(self, op: str, artifact: Path | str | None = None, **extra: Any) -> str:
+        """Like PrivilegedRunner: an install names the manifest beside the artifact (unless given)."""
+        if op == "install" and artifact is not None and "manifest" not in extra:
+            extra["manifest"] = str(Path(artifact).with_name("manifest.json"))
         rid = str(uuid.uuid4())
         body = {"v": 1, "id": rid, "job": "j1", "op": op,
                 "artifact": str(artifact) if artifact is not None else None, "ts": 1.0, **extra}
@@ -215,16 +264,21 @@ def test_the_request_cannot_name_a_command(device: Device) -> None:
     assert not marker.exists()
 
 
-def _rejected(device: Device, op: str, artifact: Path | str | None, *, why: str) -> None:
+def _rejected(device: Device, op: str, artifact: Path | str | None, *, why: str, returncode: int = 0,
+              **extra: Any) -> None:
     before = sorted(p.name for p in (device.ab / "slot-B").iterdir())
-    device.request(op, artifact)
+    ops = device.ops
+    rid = device.request(op, artifact, **extra)
     proc = device.run()
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == returncode, proc.stderr
     res = device.result()
-    assert res["ok"] is False and res["returncode"] is None
+    assert res["id"] == rid and res["ok"] is False and res["returncode"] is None
     assert why in res["output"], res["output"]
     assert not device.request_pending, "a rejected request must not re-trigger the path unit"
     assert sorted(p.name for p in (device.ab / "slot-B").iterdir()) == before
+    assert device.ops == ops, "a rejected request runs nothing"
+    if device.staging.exists():
+        assert list(device.staging.iterdir()) == [], "no copy is left behind"
 
 
 def test_rejects_artifacts_outside_updates(device: Device) -> None:
@@ -258,17 +312,23 @@ def test_rejects_hard_links_and_foreign_files(device: Device) -> None:
         _rejected(device, "install", other, why="not owned by the agent")
 
 
-def test_the_command_sees_the_validated_file_even_if_the_agent_swaps_the_path(device: Device) -> None:
+def test_the_command_gets_the_checked_bytes_even_if_the_agent_rewrites_or_swaps_the_file(
+        device: Device) -> None:
     secret = device.tmp / "secret"
     secret.write_text("root only\n")
     art = device.artifact(data=b"signed image\n")
+    m = check_manifest(json.loads(art.with_name("manifest.json").read_text()),
+                       load_trusted_keys({KEY_ID: str(device.pub)}, "installer.toml"), time.time())
     fd = open_artifact(device.state, str(art), os.stat(device.state).st_uid)
     try:
-        with staged_artifact(fd, art.name, device.staging) as staged:
+        with verified_copy(fd, art.name, m, device.staging) as staged:
+            with open(art, "r+b") as f:  # the agent owns the inode: it can rewrite it in place...
+                f.write(b"EVIL")
             art.unlink()
-            art.symlink_to(secret)  # what a compromised agent would do right after the checks
+            art.symlink_to(secret)  # ...or swap the path right after the checks
             assert Path(staged).read_bytes() == b"signed image\n"
             assert Path(staged).parent.stat().st_mode & 0o077 == 0
+            assert Path(staged).stat().st_mode & 0o077 == 0
             assert not Path(staged).is_relative_to(device.state)
     finally:
         os.close(fd)
@@ -331,16 +391,20 @@ def test_load_config_refuses_writable_or_bad_files(tmp_path: Path) -> None:
 
 
 def test_parse_request_rules() -> None:
-    ok = {"v": 1, "id": "a-1", "job": "J", "op": "install", "artifact": "/x/y", "ts": 2}
+    ok = {"v": 1, "id": "a-1", "job": "J", "op": "install", "artifact": "/x/y", "manifest": "/x/m", "ts": 2}
     assert parse_request(json.dumps(ok).encode()).artifact == "/x/y"
+    assert parse_request(json.dumps(ok).encode()).manifest == "/x/m"
     # Only install takes an artifact; elsewhere it is dropped, never substituted.
     assert parse_request(json.dumps({**ok, "op": "slot"}).encode()).artifact is None
+    assert parse_request(json.dumps({**ok, "op": "slot"}).encode()).manifest is None
     for bad, why in [
         ({**ok, "v": 2}, "version"),
         ({**ok, "id": "a b;rm"}, "needs an id"),
         ({**ok, "artifact": 5}, "artifact must be"),
         ({**ok, "ts": "now"}, "ts must be"),
         ({**ok, "job": 1}, "job must be"),
+        ({**ok, "manifest": None}, "signed manifest"),
+        ({**ok, "manifest": 3}, "signed manifest"),
         ([ok], "JSON object"),
     ]:
         with pytest.raises(RequestRejected, match=why):
@@ -434,3 +498,137 @@ def test_a_command_that_cannot_be_executed_is_reported(tmp_path: Path) -> None:
     res = device.result()
     assert (res["id"], res["ok"], res["returncode"]) == (rid, False, 126)
     assert "cannot run" in res["output"]
+
+
+# --------------------------------------------------------------- issue 21: root checks what it installs
+
+
+def test_a_good_manifest_installs_and_the_staged_copy_is_removed(device: Device) -> None:
+    art = device.artifact(data=os.urandom(3 * 1024 * 1024 + 17))  # more than one copy block
+    rid = device.request("install", art)
+    proc = device.run()
+    assert proc.returncode == 0, proc.stderr
+    res = device.result()
+    assert (res["id"], res["ok"], res["returncode"]) == (rid, True, 0), res
+    assert (device.ab / "slot-B" / "rootfs.img").read_bytes() == art.read_bytes()
+    assert "verified, artifact sha256 matches" in proc.stderr
+    assert device.ops == ["install"]
+    assert list(device.staging.iterdir()) == []
+
+
+def test_manifest_signed_with_another_key_is_refused(device: Device) -> None:
+    data = b"firmware 2.0\n"
+    impostor, _ = make_key(device.tmp / "impostor")  # same key id, different key
+    art = device.artifact(data=data, manifest=firmware_manifest(data, impostor))
+    _rejected(device, "install", art, why="bad signature for key id 'ops-test'")
+    unknown, _ = make_key(device.tmp / "impostor", "ops-unknown")
+    device.write_manifest(art, firmware_manifest(data, unknown, "ops-unknown"))
+    _rejected(device, "install", art, why="unknown key id 'ops-unknown'")
+    unsigned = {k: v for k, v in firmware_manifest(data, device.key).items() if k != "sig"}
+    device.write_manifest(art, unsigned)
+    _rejected(device, "install", art, why="not signed")
+    # a signed manifest edited afterwards (bigger image, new hash) no longer verifies
+    device.write_manifest(art, {**firmware_manifest(data, device.key), "version": "9.0.0"})
+    _rejected(device, "install", art, why="bad signature")
+
+
+@pytest.mark.parametrize("make_unsafe, why", [
+    (lambda d: d.pub.chmod(0o666), "writable by group/others (mode 0666)"),
+    (lambda d: d.pub.chmod(0o620), "writable by group/others (mode 0620)"),
+    (lambda d: d.pub.parent.chmod(0o777), "directory"),  # the key could be replaced
+    (lambda d: os.chown(d.pub, 65534, 65534), "owned by uid 65534, not root"),
+    (lambda d: os.chown(d.pub.parent, 65534, 65534), "owned by uid 65534, not root"),
+])
+def test_a_key_file_others_could_write_stops_the_helper_from_serving(
+        device: Device, make_unsafe: Any, why: str) -> None:
+    if os.geteuid() != 0 and "uid 65534" in why:
+        pytest.skip("chown needs root")
+    art = device.artifact()
+    make_unsafe(device)
+    _rejected(device, "install", art, why=why, returncode=2)
+    assert "trusted_keys.ops-test" in device.result()["output"]
+    # It refuses to serve at all (like a broken installer.toml), not only installs.
+    _rejected(device, "reboot", None, why=why, returncode=2)
+
+
+def test_a_symlinked_key_file_is_refused(tmp_path: Path) -> None:
+    device = Device(tmp_path)
+    link = device.pub.with_name("link.pem")
+    link.symlink_to(device.pub)
+    device.config.write_text(device.config.read_text().replace(str(device.pub), str(link)))
+    _rejected(device, "install", device.artifact(), why="symlinks are refused", returncode=2)
+
+
+def test_manifest_of_another_kind_or_type_is_refused(device: Device) -> None:
+    data = b"firmware 2.0\n"
+    art = device.artifact(data=data, manifest=firmware_manifest(data, device.key, kind="model"))
+    _rejected(device, "install", art, why="kind is 'model'")
+    for other in ("cancel", "config", None):
+        device.write_manifest(art, firmware_manifest(data, device.key, type=other))
+        _rejected(device, "install", art, why="type must be 'manifest'")
+    device.write_manifest(art, firmware_manifest(data, device.key, sha256="nope"))
+    _rejected(device, "install", art, why="sha256 must be 64 lowercase hex digits")
+
+
+def test_artifact_swapped_after_signing_is_refused(device: Device) -> None:
+    signed_data = b"firmware 2.0\n"
+    art = device.artifact(data=signed_data)
+    art.write_bytes(b"firmware 6.6\n")  # same size, other bytes
+    _rejected(device, "install", art, why="does not match the manifest's")
+    art.write_bytes(signed_data + b"backdoor")
+    n = len(signed_data)
+    _rejected(device, "install", art, why=f"is {n + 8} bytes, the manifest says {n}")
+
+
+def test_expired_manifest_is_refused(device: Device) -> None:
+    data = b"firmware 2.0\n"
+    now = time.time()
+    old = firmware_manifest(data, device.key, issued_at=now - 7200, expires=now - 60)
+    _rejected(device, "install", device.artifact(data=data, manifest=old), why="manifest: expired")
+
+
+def test_missing_or_misplaced_manifest_is_refused(device: Device) -> None:
+    art = device.artifact()
+    _rejected(device, "install", art, why="needs the job's signed manifest", manifest=None)
+    art.with_name("manifest.json").unlink()
+    _rejected(device, "install", art, why=f"manifest {art.with_name('manifest.json')}: No such file")
+    _rejected(device, "install", art, why="manifest is not below", manifest="/etc/edgeagent/manifest.json")
+    outside = device.tmp / "manifest.json"  # e.g. a root file the agent would like root to read
+    outside.write_text(json.dumps(firmware_manifest(b"firmware 2.0\n", device.key)))
+    art.with_name("manifest.json").symlink_to(outside)
+    _rejected(device, "install", art, why="symlinks are refused")
+    art.with_name("manifest.json").unlink()
+    art.with_name("manifest.json").write_text("{not json")
+    _rejected(device, "install", art, why="is not JSON")
+
+
+def test_without_trusted_keys_installs_are_refused_but_other_ops_run(tmp_path: Path) -> None:
+    device = Device(tmp_path, keys="")
+    _rejected(device, "install", device.artifact(), why="no trusted_keys")
+    device.request("slot")
+    assert device.run().returncode == 0
+    assert device.result()["ok"] is True and device.ops == ["slot"]
+
+
+def test_load_config_reports_every_bad_trusted_key(tmp_path: Path) -> None:
+    _, pub = make_key(tmp_path / "keys")
+    not_a_key = tmp_path / "keys" / "junk.pem"
+    not_a_key.write_text("hello\n")
+    cfg = tmp_path / "installer.toml"
+    cfg.write_text(f'preset = "rauc"\ntrusted_keys = {{ good = "{pub}", junk = "{not_a_key}", '
+                   f'gone = "{tmp_path}/missing.pem", rel = "keys/x.pem", num = 3 }}\n')
+    cfg.chmod(0o644)
+    with pytest.raises(InstallerConfigError) as info:
+        load_config(cfg)
+    reason = info.value.reason
+    assert "trusted_keys.good" not in reason
+    for expected in ("trusted_keys.junk: " + str(not_a_key) + ": not a PEM public key",
+                     "trusted_keys.gone: cannot read",
+                     "trusted_keys.rel: 'keys/x.pem' must be a normalised absolute",
+                     "trusted_keys.num: expected a path string"):
+        assert expected in reason, reason
+    cfg.write_text(f'preset = "rauc"\ntrusted_keys = {{ good = "{pub}" }}\n')
+    assert set(load_config(cfg).trusted_keys) == {"good"}
+    cfg.write_text('preset = "rauc"\ntrusted_keys = "/etc/edgeagent/keys"\n')
+    with pytest.raises(InstallerConfigError, match="trusted_keys must be a table"):
+        load_config(cfg)

@@ -11,9 +11,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from edgeagent.core.fsutil import atomic_write_json
 from edgeagent.core.live import LiveConfig, Router
 from edgeagent.updates.installer_presets import parse_slot
-from edgeagent.updates.installers import FirmwareRunner, make_runner, run_argv
+from edgeagent.updates.installers import MANIFEST_FILE, FirmwareRunner, make_runner, run_argv
 from edgeagent.updates.jobs import Job, Journal
 
 Transition = Callable[..., Awaitable[None]]  # (job, state, reason, **changes), persisted + published
@@ -59,6 +60,13 @@ class FirmwareFlow:
                 return
             await asyncio.to_thread(self.journal.save)
         artifact = self.updates_dir / job.job / "artifact"
+        # The root helper installs only what a manifest it verifies itself vouches for: leave it
+        # the signed manifest as received (sig included) beside the artifact.
+        try:
+            await asyncio.to_thread(atomic_write_json, artifact.with_name(MANIFEST_FILE), job.manifest)
+        except OSError as exc:
+            await self.transition(job, "failed", f"cannot write the manifest for the installer: {exc}")
+            return
         res = await self.runner().run("install", artifact, job.job, self._log_path(job))
         if not res.ok:
             await self.transition(job, "failed", res.describe("install"))

@@ -2,7 +2,9 @@
 
 Firmware commands come from `installer_presets` (argv lists, never a shell). In `direct` mode the
 agent runs them itself (own process group, killed whole at the timeout); in `privileged` mode it
-writes `installer/request.json` for edgeagent-installer.service and waits for `result.json`.
+writes `installer/request.json` for edgeagent-installer.service and waits for `result.json`; an
+install request names the job's signed manifest (MANIFEST_FILE beside the artifact), which the root
+helper verifies again with its own keys.
 Every command's output goes to the job's `log.txt`.
 """
 
@@ -24,6 +26,7 @@ from edgeagent.core.fsutil import atomic_write_json, read_json
 from edgeagent.updates.installer_presets import SAFE_PATH, InstallerCommandError, command_for
 
 OUTPUT_MAX_BYTES = 16 * 1024
+MANIFEST_FILE = "manifest.json"  # the job's signed manifest, next to its artifact (firmware.py writes it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +121,9 @@ class PrivilegedRunner:
     async def run(self, op: str, artifact: Path | None, job: str, log_path: Path) -> OpResult:
         rid = str(uuid.uuid4())
         request = {"v": 1, "id": rid, "job": job, "op": op,
-                   "artifact": str(artifact) if artifact else None, "ts": time.time()}
+                   "artifact": str(artifact) if artifact else None,
+                   "manifest": str(artifact.with_name(MANIFEST_FILE)) if artifact else None,
+                   "ts": time.time()}
         await asyncio.to_thread(append_log, log_path, f"[{time.strftime('%H:%M:%S')}] request {request}")
         await asyncio.to_thread(atomic_write_json, self.dir / "request.json", request)
         deadline = time.monotonic() + self.cfg.command_timeout_s + 30.0

@@ -6,6 +6,8 @@ Started by edgeagent-installer.service (via edgeagent-installer.path) as
 The agent (unprivileged) owns the state dir, so everything below it is untrusted input here: paths
 are walked with O_NOFOLLOW from the state dir, the request only picks an op and an artifact, and the
 command always comes from the root-owned installer.toml (see docs/install.md, "Trust boundary").
+An install also needs the job's signed manifest, verified here with root's own keys, and the
+command gets a root-only copy of the artifact whose sha256 matched it (privileged_checks.py).
 """
 
 from __future__ import annotations
@@ -23,11 +25,10 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeagent.core.errors import InstallerCommandError, InstallerConfigError, RequestRejected
 from edgeagent.updates.installer_presets import (
@@ -37,6 +38,11 @@ from edgeagent.updates.installer_presets import (
     command_for,
     validate_override,
 )
+from edgeagent.updates.manifest import Manifest
+from edgeagent.updates.privileged_checks import check_manifest, load_trusted_keys, verified_copy
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,10 +56,12 @@ UPDATES_DIR = "updates"
 REQUEST = "request.json"
 RESULT = "result.json"
 REQUEST_MAX_BYTES = 64 * 1024
+# A manifest lists a sha256 per chunk: 8 MiB is ~120k chunks, far beyond any firmware image.
+MANIFEST_MAX_BYTES = 8 * 1024 * 1024
 OUTPUT_MAX_BYTES = 4096
 DEFAULT_TIMEOUT_S = 1800.0
-# Root-only (the installer unit's StateDirectory=): where a validated artifact gets a name the agent
-# cannot swap before the command opens it.
+# Root-only (the installer unit's StateDirectory=): where the verified copy of an artifact lives while
+# the command runs, out of the agent's reach.
 DEFAULT_STAGING_DIR = Path("/var/lib/edgeagent-installer")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -64,6 +72,8 @@ class InstallerConfig:
     preset: str
     overrides: dict[str, list[str]]
     timeout_s: float = DEFAULT_TIMEOUT_S
+    # key id -> key, from root-owned PEM files; empty: every install is refused
+    trusted_keys: dict[str, Ed25519PublicKey] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -73,6 +83,7 @@ class Request:
     op: str
     artifact: str | None
     ts: float
+    manifest: str | None = None  # install: path of the job's signed manifest below updates/
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -95,7 +106,7 @@ def load_config(path: Path) -> InstallerConfig:
         doc = tomllib.loads(raw.decode())
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InstallerConfigError(str(path), f"invalid TOML: {exc}") from exc
-    unknown = set(doc) - {"preset", "timeout_s", "script", "commands"}
+    unknown = set(doc) - {"preset", "timeout_s", "script", "commands", "trusted_keys"}
     if unknown:
         raise InstallerConfigError(str(path), f"unknown keys: {', '.join(sorted(unknown))}")
     preset = doc.get("preset")
@@ -118,11 +129,13 @@ def load_config(path: Path) -> InstallerConfig:
             overrides[op] = validate_override(op, argv)
     except InstallerCommandError as exc:
         raise InstallerConfigError(str(path), f"commands: {exc}") from exc
-    return InstallerConfig(preset=preset, overrides=overrides, timeout_s=float(timeout_s))
+    # Last: a key file that others could write stops the helper from serving at all (docs/install.md).
+    keys = load_trusted_keys(doc.get("trusted_keys", {}), str(path))
+    return InstallerConfig(preset=preset, overrides=overrides, timeout_s=float(timeout_s), trusted_keys=keys)
 
 
 def parse_request(data: bytes) -> Request:
-    """Decode request.json; only `op` and `artifact` influence what runs, and neither names a command."""
+    """Decode request.json; only `op`, `artifact` and `manifest` influence what runs, none names a command."""
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError) as exc:  # also: nested too deep, 4300+ digit integers
@@ -144,13 +157,19 @@ def parse_request(data: bytes) -> Request:
         raise RequestRejected("artifact must be a string or null", rid)
     if op == "install" and not artifact:
         raise RequestRejected("op 'install' needs an artifact", rid)
+    manifest = doc.get("manifest")
+    if op == "install" and (not isinstance(manifest, str) or not manifest):
+        raise RequestRejected("op 'install' needs the job's signed manifest (manifest: a path below "
+                              "updates/)", rid)
     try:
         ts_s = math.nan if isinstance(ts, bool) or not isinstance(ts, int | float) else float(ts)
     except OverflowError:
         ts_s = math.nan
     if not math.isfinite(ts_s):
         raise RequestRejected("ts must be a finite number", rid)
-    return Request(id=rid, job=job, op=op, artifact=artifact if op == "install" else None, ts=ts_s)
+    install = op == "install"
+    return Request(id=rid, job=job, op=op, artifact=artifact if install else None, ts=ts_s,
+                   manifest=manifest if install and isinstance(manifest, str) else None)
 
 
 @contextlib.contextmanager
@@ -167,18 +186,20 @@ def open_state_subdir(state_dir: Path, name: str) -> int:
         return os.open(name, _DIR_FLAGS, dir_fd=state_fd)
 
 
-def open_artifact(state_dir: Path, artifact: str, owner_uid: int, request_id: str | None = None) -> int:
-    """An fd of the artifact if it is a regular, singly-linked file of the agent's strictly below updates/."""
+def open_artifact(state_dir: Path, artifact: str, owner_uid: int, request_id: str | None = None,
+                  what: str = "artifact") -> int:
+    """An fd of the artifact (or manifest: `what`) if it is a regular, singly-linked file of the
+    agent's strictly below updates/."""
     path = PurePosixPath(artifact)
     updates = PurePosixPath(state_dir) / UPDATES_DIR
     if not path.is_absolute() or os.path.normpath(artifact) != artifact or "\x00" in artifact:
-        raise RequestRejected(f"artifact must be a normalised absolute path: {artifact!r}", request_id)
+        raise RequestRejected(f"{what} must be a normalised absolute path: {artifact!r}", request_id)
     try:
         parts = path.relative_to(updates).parts
     except ValueError:
-        raise RequestRejected(f"artifact is not below {updates}: {artifact}", request_id) from None
+        raise RequestRejected(f"{what} is not below {updates}: {artifact}", request_id) from None
     if not parts:
-        raise RequestRejected(f"artifact must be a file strictly below {updates}", request_id)
+        raise RequestRejected(f"{what} must be a file strictly below {updates}", request_id)
     try:
         fd = open_state_subdir(state_dir, UPDATES_DIR)
         for part in parts[:-1]:
@@ -189,7 +210,7 @@ def open_artifact(state_dir: Path, artifact: str, owner_uid: int, request_id: st
         st = os.fstat(ffd)
     except OSError as exc:
         # ELOOP/ENOTDIR: a symlink somewhere on the way; ENOENT: not there.
-        reason = f"artifact {artifact}: {exc.strerror} (symlinks are refused)"
+        reason = f"{what} {artifact}: {exc.strerror} (symlinks are refused)"
         raise RequestRejected(reason, request_id) from exc
     problem = None
     if not stat.S_ISREG(st.st_mode):
@@ -200,31 +221,25 @@ def open_artifact(state_dir: Path, artifact: str, owner_uid: int, request_id: st
         problem = f"is not owned by the agent (uid {owner_uid})"
     if problem:
         os.close(ffd)
-        raise RequestRejected(f"artifact {artifact} {problem}", request_id)
+        raise RequestRejected(f"{what} {artifact} {problem}", request_id)
     return ffd
 
 
-@contextlib.contextmanager
-def staged_artifact(fd: int, name: str, staging_dir: Path) -> Iterator[str]:
-    """A root-only path to the validated inode, removed afterwards.
-
-    The agent owns every directory below its state dir, so the path it named could be swapped for a
-    symlink between our checks and the command opening it. A hard link in root's own directory
-    cannot (a copy when the state dir is on another file system).
-    """
-    staging_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(dir=staging_dir, prefix="request-"))
+def read_manifest(state_dir: Path, path: str, owner_uid: int, keys: dict[str, Ed25519PublicKey],
+                  request_id: str | None = None) -> Manifest:
+    """The signed manifest the agent left for an install, read like an artifact and verified with
+    root's keys (privileged_checks.check_manifest)."""
+    with _opened(open_artifact(state_dir, path, owner_uid, request_id, what="manifest")) as fd:
+        data = os.read(fd, MANIFEST_MAX_BYTES + 1)
+        while len(data) <= MANIFEST_MAX_BYTES and (more := os.read(fd, MANIFEST_MAX_BYTES + 1 - len(data))):
+            data += more
+    if len(data) > MANIFEST_MAX_BYTES:
+        raise RequestRejected(f"manifest {path} is larger than {MANIFEST_MAX_BYTES} bytes", request_id)
     try:
-        with _opened(os.open(workdir, _DIR_FLAGS)) as wfd:
-            try:
-                os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=wfd, follow_symlinks=True)
-            except OSError:  # EXDEV: another file system (or no /proc): copy what we validated
-                with os.fdopen(os.dup(fd), "rb") as src, open(workdir / name, "xb") as dst:
-                    os.lseek(src.fileno(), 0, os.SEEK_SET)
-                    shutil.copyfileobj(src, dst, 1 << 20)
-        yield str(workdir / name)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise RequestRejected(f"manifest {path} is not JSON: {exc}", request_id) from exc
+    return check_manifest(doc, keys, time.time(), request_id)
 
 
 def tail(data: bytes, limit: int = OUTPUT_MAX_BYTES) -> str:
@@ -332,11 +347,11 @@ def handle_request(state_dir: Path, config: InstallerConfig | InstallerConfigErr
     """Handle the pending request, if any; returns the result written (None: nothing was pending)."""
     state_dir = Path(state_dir)
     owner_uid = os.stat(state_dir).st_uid
-    with _opened(open_state_subdir(state_dir, INSTALLER_DIR)) as installer_fd:
+    with _opened(open_state_subdir(state_dir, INSTALLER_DIR)) as installer_fd, contextlib.ExitStack() as held:
         seen: os.stat_result | None = None
         request: Request | None = None
         op: str | None = None
-        artifact_fd: int | None = None
+        staged: str | None = None
         try:
             got = _read_request(installer_fd)
             if got is None:
@@ -347,29 +362,28 @@ def handle_request(state_dir: Path, config: InstallerConfig | InstallerConfigErr
             if isinstance(config, InstallerConfigError):
                 raise RequestRejected(f"installer config: {config}", request.id)
             if request.artifact:
-                artifact_fd = open_artifact(state_dir, request.artifact, owner_uid, request.id)
-            # Checked now (with a placeholder) so a bad override is a rejection, not a crash.
-            command_for(config.preset, request.op, "/dev/null" if artifact_fd is not None else None,
-                        config.overrides)
+                artifact_fd = held.enter_context(_opened(open_artifact(state_dir, request.artifact, owner_uid,
+                                                                       request.id)))
+                m = read_manifest(state_dir, request.manifest or "", owner_uid, config.trusted_keys,
+                                  request.id)
+                # Checked now (with a placeholder) so a bad override is a rejection, before the copy.
+                command_for(config.preset, request.op, "/dev/null", config.overrides)
+                try:
+                    name = PurePosixPath(request.artifact).name
+                    staged = held.enter_context(verified_copy(artifact_fd, name, m, staging_dir, request.id))
+                except OSError as exc:  # staging failed (disk full): still answer the agent
+                    return _finish(installer_fd, seen, request,
+                                   Outcome(False, None, f"cannot stage the artifact: {exc}"))
+                log.info("job %s: manifest %s %s %s (key %s) verified, artifact sha256 matches",
+                         request.job, m.kind, m.name, m.version, m.key_id)
+            argv = command_for(config.preset, request.op, staged, config.overrides)
         except (RequestRejected, InstallerCommandError) as exc:
             rid = exc.request_id if isinstance(exc, RequestRejected) else (request.id if request else None)
             log.warning("request rejected: %s", exc)
-            if artifact_fd is not None:
-                os.close(artifact_fd)
             result = _result(rid, op, Outcome(False, None, f"rejected: {exc}"))
             _write_result(installer_fd, result)
             _remove_request(installer_fd, seen)
             return result
-        if artifact_fd is not None:
-            try:
-                with _opened(artifact_fd), staged_artifact(artifact_fd, Path(request.artifact or "").name,
-                                                           staging_dir) as staged:
-                    argv = command_for(config.preset, request.op, staged, config.overrides)
-                    outcome = run_command(argv, config.timeout_s)
-            except OSError as exc:  # staging failed (disk full, cross-device): still answer the agent
-                outcome = Outcome(False, None, f"cannot stage the artifact: {exc}")
-            return _finish(installer_fd, seen, request, outcome)
-        argv = command_for(config.preset, request.op, None, config.overrides)
         if request.op == "reboot":
             # The reboot may kill us before we could write anything afterwards: report first.
             result = _result(request.id, request.op, Outcome(True, None, "rebooting"))
@@ -398,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", type=Path, default=Path("/var/lib/edgeagent"))
     parser.add_argument("--config", type=Path, default=Path("/etc/edgeagent/installer.toml"))
     parser.add_argument("--staging-dir", type=Path, default=DEFAULT_STAGING_DIR,
-                        help="root-only directory on the state dir's file system")
+                        help="root-only directory for the verified copy of an artifact (room for one image)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     config: InstallerConfig | InstallerConfigError
