@@ -75,7 +75,8 @@ def firmware_manifest(data: bytes, key: Ed25519PrivateKey, key_id: str = KEY_ID,
     body: dict[str, Any] = {
         "v": 1, "type": "manifest", "job": "j1", "kind": "firmware", "name": "rootfs", "version": "2.0.0",
         "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "chunk_size": max(1, len(data)),
-        "chunks": 1, "issued_at": now - 60, "expires": now + 3600, **fields}
+        "chunks": 1, "chunk_sha256": [hashlib.sha256(data).hexdigest()], "issued_at": now - 60,
+        "expires": now + 3600, **fields}
     return signing.sign(body, key, key_id)
 
 

@@ -172,7 +172,8 @@ def test_a_burst_of_forged_configs_is_one_event_and_leaves_the_report_alone(tmp_
         assert truth is not None and truth["state"] == "applied"
         events = len(dev.outbox.events)
         for i in range(100):
-            msg = {"v": 1, "version": 1000 + i, "config": {"telemetry": {"interval_s": 0.01}}}
+            msg = {"v": 1, "type": "config", "version": 1000 + i,
+                   "config": {"telemetry": {"interval_s": 0.01}}}
             # unsigned, or signed by a key the device does not trust under a name it does
             forged = protocol.dumps(sign(msg, attacker, "ops") if i % 2 else msg)
             await dev.push(forged)

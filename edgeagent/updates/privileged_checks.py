@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -126,13 +125,7 @@ def load_trusted_keys(raw: object, config_path: str) -> dict[str, Ed25519PublicK
 
 
 def _verify_signature(message: dict[str, Any], keys: Mapping[str, Ed25519PublicKey]) -> str:
-    # Issue 21 gives signing.verify an `expected_type` (and both canonical forms). Until that branch
-    # is merged this adapter calls the old two-argument form; the type is checked below either way.
-    # TODO(issue-21): call signing.verify(message, keys, expected_type="manifest") directly.
-    verify: Callable[..., str] = signing.verify
-    if "expected_type" in inspect.signature(verify).parameters:
-        return verify(message, keys, expected_type="manifest")
-    return verify(message, keys)
+    return signing.verify(message, keys, expected_type="manifest")
 
 
 def check_manifest(doc: object, keys: Mapping[str, Ed25519PublicKey], now: float,
