@@ -6,6 +6,7 @@ Written atomically every `agent.health_interval_s` and at stop, so a reader neve
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 from collections.abc import Callable
@@ -28,18 +29,21 @@ class HealthWriter:
         self.snapshot = snapshot
         self.interval_s = interval_s
         self._lock = threading.Lock()
-        self._last_ts = 0.0
+        # snapshots are ordered by when they were taken, not by their wall-clock `ts`: after the
+        # clock was set back, `ts` goes backwards and the file would stay frozen until it caught up
+        self._taken = itertools.count(1)
+        self._last_written = 0
         self._once = Once(log)
 
     def write_now(self) -> None:
         """Synchronous write (at stop, when nothing else runs any more)."""
-        self._write(self.snapshot())
+        self._write(next(self._taken), self.snapshot())
 
-    def _write(self, snapshot: dict[str, Any]) -> None:
+    def _write(self, number: int, snapshot: dict[str, Any]) -> None:
         with self._lock:  # an older snapshot never renames over a newer one
-            if snapshot["ts"] < self._last_ts:
+            if number <= self._last_written:
                 return
-            self._last_ts = snapshot["ts"]
+            self._last_written = number
             try:
                 atomic_write_json(self.path, snapshot)
             except (OSError, TypeError, ValueError) as exc:
@@ -50,7 +54,7 @@ class HealthWriter:
             try:
                 # the snapshot is taken on the loop (providers read loop-owned state); only the
                 # write and its fsync go to a thread
-                await asyncio.to_thread(self._write, self.snapshot())
+                await asyncio.to_thread(self._write, next(self._taken), self.snapshot())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a broken provider must not end health reporting for good

@@ -255,3 +255,19 @@ def test_writes_that_fail_wait_in_memory_in_order(tmp_path: Path) -> None:
         s.close()
 
     asyncio.run(main())
+
+
+def test_a_write_on_a_full_file_says_so_and_counts_stay_true(tmp_path: Path) -> None:
+    """SQLite rolls a COMMIT that finds the file full back by itself: the error must stay
+    "database or disk is full" (not "cannot rollback"), and nothing is counted for the write."""
+    s = open_spool(tmp_path / "spool.sqlite")
+    s.add_event("t", "update", "info", "fits")
+    s.db.execute(f"PRAGMA max_page_count={s.db.execute('PRAGMA page_count').fetchone()[0]}")
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        for _ in range(20):
+            s.add_event("t", "update", "info", "x" * 3000)
+    assert not s.db.in_transaction
+    assert s.count == s.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+    pending = s.count
+    assert s.delete(r.id for r in s.fetch(0, None, 100)) == pending and s.count == 0
+    s.close()

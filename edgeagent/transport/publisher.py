@@ -15,13 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgeagent.core.config import Config
-from edgeagent.core.errors import EdgeAgentError
+from edgeagent.core.errors import EdgeAgentError, SpoolError
+from edgeagent.core.logs import Once
 from edgeagent.core.protocol import Topics
 from edgeagent.transport.outbox import SpoolOutbox
 from edgeagent.transport.spool import KIND_SAMPLE, Row, Spool
@@ -30,9 +32,11 @@ if TYPE_CHECKING:  # aiomqtt (and paho, ssl) load only when a broker is configur
     import aiomqtt
 
 log = logging.getLogger(__name__)
+_once = Once(log)
 
 MAX_INFLIGHT = 20
 BACKLOG_MESSAGES_PER_TURN = 4
+DELETE_RETRY_S = 1.0  # acked rows whose delete failed (disk full) are deleted again this often
 
 
 class PublishFailed(EdgeAgentError):
@@ -251,10 +255,27 @@ class Publisher:
         self.progress.set()
 
     async def _delete_loop(self) -> None:
+        failing = False
         while True:
             await self._ack_event.wait()
             self._ack_event.clear()
             ids, self._acked = self._acked, []
-            if ids:
+            if not ids:
+                continue
+            try:
                 await asyncio.to_thread(self.spool.delete, ids)
-                self.progress.set()
+            except (sqlite3.Error, SpoolError) as exc:
+                # a full disk fails deletes too: keep the ids (the rows are still counted in the
+                # backlog) and try again; ending this task would leave them until the next connect
+                failing = True
+                self._acked = ids + self._acked
+                _once.warning("delete", "cannot delete published rows from the spool; retrying",
+                              extra={"kv": {"error": str(exc), "rows": len(self._acked)}})
+                await asyncio.sleep(DELETE_RETRY_S)
+                self._ack_event.set()
+                continue
+            if failing:
+                failing = False
+                _once.reset("delete")
+                log.info("published rows are deleted from the spool again")
+            self.progress.set()

@@ -73,6 +73,14 @@ def is_corruption(exc: BaseException) -> bool:
     return any(t in str(exc) for t in _CORRUPT_TEXT)
 
 
+def _rollback(db: sqlite3.Connection) -> None:
+    """Undo a failed transaction, unless SQLite already did: a COMMIT that hits a full disk rolls
+    back by itself, and a ROLLBACK then would raise "no transaction is active" in place of the
+    error that tells what went wrong ("database or disk is full")."""
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+
+
 def _json_default(o: object) -> Any:
     item = getattr(o, "item", None)  # numpy scalars from the inference section
     if callable(item):
@@ -302,7 +310,7 @@ class Spool:
                 db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"seq_{seq_name}", seq))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             self._refresh_counts()
             raise
         self._high_id = max(self._high_id, cur.lastrowid or 0)
@@ -358,7 +366,7 @@ class Spool:
                            (topic, payload, version))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                _rollback(db)
                 raise
             if row is None:
                 self.states_pending += 1
@@ -402,7 +410,7 @@ class Spool:
                     freed += int(row[1]) + int(row[0]) * ROW_OVERHEAD_BYTES
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                _rollback(db)
                 raise
             self.count -= removed
             self.bytes -= freed
