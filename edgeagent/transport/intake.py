@@ -7,13 +7,15 @@ Three bounds, outermost first:
    any packet the broker sends, and only the checks below and the router's byte caps bound what
    waits.
 2. MQTT 5 `ReceiveMaximum` plus manual acknowledgement: a QoS 1 message is acknowledged only once
-   the router has queued it, and the broker sends at most `receive_maximum` unacknowledged ones.
-   When the agent cannot keep up it stops reading and the broker holds the rest (its own queue
-   limits apply there; a persistent session redelivers what was unacknowledged after a reconnect).
-3. Here: QoS 0 messages (which `ReceiveMaximum` does not cover; a hostile publisher may send
-   them) beyond `QOS0_MAX_MESSAGES` waiting, any message over the packet limit (a 3.1.1 broker),
-   a message beyond the hard cap (a 3.1.1 broker ignoring our pace), or a topic that is not UTF-8
-   is dropped, counted, and acknowledged (so it does not hold an in-flight slot forever).
+   the router has queued it, and the broker should send at most `receive_maximum` unacknowledged
+   ones. When the agent cannot keep up it stops reading and the broker holds the rest (its own
+   queue limits apply there; a persistent session redelivers what was unacknowledged after a
+   reconnect). Mosquitto 2.0.11 honours it only until the first PUBACK (measured), hence 3.
+3. Here, whatever the broker does: what waits in aiomqtt's queue is bounded by `QUEUE_MAX_BYTES`
+   and `QUEUE_MAX_MESSAGES` (QoS 0 by `QOS0_MAX_MESSAGES`). A message past a bound, over the
+   packet limit (a 3.1.1 broker), or on a topic that is not UTF-8 is dropped, counted
+   (`IntakeStats.dropped`, the mqtt section's `dropped_incoming`) and acknowledged (so it does not
+   hold an in-flight slot forever).
 
 What a drop costs: a chunk is re-requested by the transfer, a manifest is re-sent by the pushing
 operator (or its next push), a desired config is retained and comes again on the next connect.
@@ -46,6 +48,10 @@ INFLIGHT_BUDGET_BYTES = 8 << 20
 RECEIVE_MAXIMUM_MIN = 2
 RECEIVE_MAXIMUM_MAX = 64
 QOS0_MAX_MESSAGES = 16  # our own pings; anything else at QoS 0 is not a command
+# what may wait in aiomqtt's queue whatever the broker does: measured with Mosquitto 2.0.11, the
+# broker honours ReceiveMaximum only until the first PUBACK, so this is the bound that holds
+QUEUE_MAX_MESSAGES = 256
+QUEUE_MAX_BYTES = INFLIGHT_BUDGET_BYTES
 
 
 def max_packet_bytes(max_chunk_kb: float) -> int:
@@ -75,8 +81,6 @@ class Intake:
                  stats: IntakeStats | None = None) -> None:
         self.max_packet = max_packet
         self.receive_max = receive_max
-        # QoS 1 past this means the broker ignores ReceiveMaximum (3.1.1): drop rather than grow
-        self.hard_cap = receive_max + QOS0_MAX_MESSAGES
         self.stats = stats if stats is not None else IntakeStats()
         self._qos0 = 0
         self._once = once
@@ -90,7 +94,7 @@ class Intake:
     @staticmethod
     def queue_size(receive_max: int) -> int:
         """aiomqtt's own queue bound: never reached (we drop first), so aiomqtt never drops silently."""
-        return receive_max + QOS0_MAX_MESSAGES + 1
+        return QUEUE_MAX_MESSAGES + 1
 
     def _on_message(self, client: Any, userdata: Any, message: paho_client.MQTTMessage) -> None:
         size = len(message.payload)
@@ -104,8 +108,9 @@ class Intake:
             problem = f"payload of {size} bytes over the {self.max_packet} byte limit"
         elif not problem and message.qos == 0 and self._qos0 >= QOS0_MAX_MESSAGES:
             problem = "too many QoS 0 messages waiting"
-        elif not problem and self.stats.queued >= self.hard_cap:
-            problem = "too many messages waiting (broker ignores ReceiveMaximum)"
+        elif not problem and (self.stats.queued >= QUEUE_MAX_MESSAGES or (
+                self.stats.queued and self.stats.queued_bytes + size > QUEUE_MAX_BYTES)):
+            problem = "intake full (the broker sent past ReceiveMaximum)"
         if problem:
             self.stats.dropped += 1
             self.stats.dropped_bytes += size
