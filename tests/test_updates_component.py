@@ -296,3 +296,27 @@ def test_group_topic_and_failed_model(tmp_path: Path, broker: Broker) -> None:
         assert {status["state"]} <= protocol.FINAL_JOB_STATES
 
     run(tmp_path, broker, body, installer_fail="rollback")
+
+
+def test_forged_chunks_first_do_not_kill_the_job(tmp_path: Path, broker: Broker) -> None:
+    """A hostile publisher races the sender: every chunk is first sent forged (right size, wrong
+    bytes). Each fails its chunk_sha256, is dropped and asked for again; the genuine ones win."""
+    async def body(c: Ctx) -> None:
+        data = MODEL.read_bytes()
+        msg = signed(MODEL, c.key, job="race", version="2.0.0", chunk_size=4096)
+        n = msg["chunks"]
+        c.watcher.publish("edge/dev1/updates/race/manifest", msg)
+        await async_wait_until(lambda: c.comp.transfers.get("race") is not None, 10, message="downloading")
+        for i in range(n):
+            size = len(data[i * 4096:(i + 1) * 4096])
+            c.watcher.publish(f"edge/dev1/updates/race/chunk/{i}", bytes(size))
+        c.watcher.publish("edge/dev1/updates/race/chunk/²", b"x")  # a Unicode digit: refused
+        totals = c.comp.book.rejections.totals
+        await async_wait_until(lambda: totals.get("bad-chunk") == n and totals.get("chunk-topic") == 1, 10)
+        assert c.comp.journal.jobs["race"].state == "downloading"
+        result = await c.push(msg, MODEL)  # the same manifest (a no-op), then the genuine chunks
+        assert result.states == {"dev1": "succeeded"}, result.reasons
+        log = (c.tmp / "state" / "updates" / "race" / "log.txt").read_text()
+        assert "chunk_sha256 mismatch" in log and log.count("chunk dropped") == 1  # first of a window
+
+    run(tmp_path, broker, body, updates={"request_interval_s": 0.2})
