@@ -25,7 +25,7 @@ def test_subscriptions_sections_and_a_model_job_without_installer(tmp_path: Path
             assert [f for f, _ in router.subscriptions] == [live.topics.updates_filter,
                                                             live.topics.group_updates_filter("line1")]
             handler = router.subscriptions[0][1]
-            assert comp.section() == {"jobs": [], "dropped_chunks": 0, "rejected_chunks": 0}
+            assert comp.section() == {"jobs": [], "dropped_chunks": 0, "rejected_chunks": 0, "refused": {}}
             assert comp.firmware_section() == {"version": "", "slot": ""}
 
             await handler("edge/dev1/updates/junk/manifest", b"{not json")

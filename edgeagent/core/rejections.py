@@ -40,20 +40,22 @@ class Rejections:
     totals: dict[str, int] = field(default_factory=dict)
     _open: dict[str, _Window] = field(default_factory=dict)
 
-    def refuse(self, kind: str, reason: str, message: str, data: dict[str, Any] | None = None) -> None:
-        """Record one refusal; `message` says what was refused and why (it goes in the event)."""
+    def refuse(self, kind: str, reason: str, message: str, data: dict[str, Any] | None = None) -> bool:
+        """Record one refusal; `message` says what was refused and why (it goes in the event).
+        True when this one was reported (the first of its window), False when only counted."""
         now = self.clock()
         self.totals[reason] = self.totals.get(reason, 0) + 1
         window = self._open.get(reason)
         if window is not None and now - window.started < self.window_s:
             window.repeats += 1
             log.debug("refused again (%s): %s", reason, message)
-            return
+            return False
         if window is not None:
             self._summarize(reason, window)
         self._open[reason] = _Window(now, kind, message, dict(data or {}))
         log.warning("refused (%s): %s", reason, message, extra={"kv": {"reason": reason}})
         self.sink.emit_event(kind, "warning", message, {**(data or {}), "reason": reason, "count": 1})
+        return True
 
     def flush(self) -> None:
         """Send the summaries of windows that have passed (call it now and then from a loop)."""

@@ -1,8 +1,10 @@
 """Routes incoming MQTT messages to the handlers that capabilities registered, one queue each.
 
-A slow handler must not stall the message loop or the other handlers, so each subscription has
-its own bounded queue and worker task. When a queue is full the oldest waiting message is dropped
-and counted (the protocol recovers: chunks are re-requested, desired config is retained).
+Each subscription has its own queue and worker task, bounded in messages and bytes. The session
+`put`s each message and waits while a matching queue is full: it then stops reading, does not
+acknowledge, and the broker holds the rest (transport.intake). `dispatch` is the non-waiting form:
+it drops the oldest waiting message and counts it (the protocol recovers: chunks are re-requested,
+desired config is retained).
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ class Subscription:
     errors: int = 0
     queued_bytes: int = 0
     task: asyncio.Task[None] | None = None
+    room: asyncio.Event = field(default_factory=asyncio.Event)  # set when the worker took one
+
+    def fits(self, size: int) -> bool:
+        """One message always fits an empty queue (a chunk may be up to the packet limit)."""
+        return not self.queue.full() and (
+            self.queue.empty() or self.queued_bytes + size <= HANDLER_QUEUE_MAX_BYTES)
+
+    def put(self, topic: str, payload: bytes) -> None:
+        self.queue.put_nowait((topic, payload))
+        self.queued_bytes += len(payload)
 
 
 class SessionRouter:
@@ -80,15 +92,30 @@ class SessionRouter:
         await self._new_filter.wait()
         self._new_filter.clear()
 
+    def _matching(self, topic: str) -> list[Subscription]:
+        try:
+            return [s for s in self.subscriptions if topic_matches_sub(s.topic_filter, topic)]
+        except (ValueError, TypeError):  # paho refuses some hostile topics outright
+            return []
+
+    async def put(self, topic: str, payload: bytes) -> int:
+        """Queue the message for every matching handler, waiting while a queue is full (the
+        caller's reading stops meanwhile); returns how many matched."""
+        subs = self._matching(topic)
+        for sub in subs:
+            while not sub.fits(len(payload)):
+                sub.room.clear()
+                await sub.room.wait()
+            sub.put(topic, payload)
+        return len(subs)
+
     def dispatch(self, topic: str, payload: bytes) -> int:
-        """Queue the message for every matching handler; returns how many matched."""
+        """Queue the message for every matching handler, dropping the oldest waiting message of
+        a full queue; returns how many matched."""
         matched = 0
-        for sub in self.subscriptions:
-            if not topic_matches_sub(sub.topic_filter, topic):
-                continue
+        for sub in self._matching(topic):
             matched += 1
-            while sub.queue.full() or (sub.queue.qsize() and
-                                       sub.queued_bytes + len(payload) > HANDLER_QUEUE_MAX_BYTES):
+            while not sub.fits(len(payload)):
                 try:
                     _t, old = sub.queue.get_nowait()
                 except asyncio.QueueEmpty:
@@ -97,8 +124,7 @@ class SessionRouter:
                 sub.dropped += 1
                 _once.warning(f"full:{sub.topic_filter}", "handler queue full; dropped the oldest message",
                               extra={"kv": {"filter": sub.topic_filter, "dropped": sub.dropped}})
-            sub.queue.put_nowait((topic, payload))
-            sub.queued_bytes += len(payload)
+            sub.put(topic, payload)
         return matched
 
     def start(self) -> None:
@@ -125,6 +151,7 @@ class SessionRouter:
         while True:
             topic, payload = await sub.queue.get()
             sub.queued_bytes -= len(payload)
+            sub.room.set()
             try:
                 await sub.handler(topic, payload)
             except asyncio.CancelledError:

@@ -28,6 +28,7 @@ from edgeagent.core.config import Config, MqttConfig
 from edgeagent.core.errors import EdgeAgentError
 from edgeagent.core.logs import Once
 from edgeagent.core.protocol import Topics, dumps, status_offline
+from edgeagent.transport.intake import Intake, IntakeStats, max_packet_bytes, receive_maximum
 from edgeagent.transport.outbox import SpoolOutbox
 from edgeagent.transport.publisher import Publisher, PublishStats
 from edgeagent.transport.router import SessionRouter
@@ -118,6 +119,8 @@ class Session:
         self._paho_log.addHandler(self._paho_errors)
         self._pings: dict[int, float] = {}
         self._ping_ids = itertools.count(1)
+        self.intake = IntakeStats()
+        self._intake: Intake | None = None  # the current client's (one client per connect)
 
     @property
     def ping_topic(self) -> str:
@@ -131,7 +134,8 @@ class Session:
         return {"connected": self.connected, "since": self.connected_since, "rtt_ms": self.rtt_ms,
                 "reconnects": max(0, self.connects - 1), "last_error": self.last_error,
                 "refused": self.refused, "failed_connects": self.failed_connects,
-                "published_messages": self.stats.messages, "published_samples": self.stats.samples}
+                "published_messages": self.stats.messages, "published_samples": self.stats.samples,
+                "received_messages": self.intake.received, "dropped_incoming": self.intake.dropped}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -233,10 +237,16 @@ class Session:
                 ca_certs=m.tls.ca_file or None, certfile=m.tls.cert_file or None,
                 keyfile=m.tls.key_file or None, tls_version=ssl.PROTOCOL_TLS_CLIENT,
                 cert_reqs=ssl.CERT_NONE if m.tls.insecure_skip_verify else ssl.CERT_REQUIRED)
+        max_packet = max_packet_bytes(cfg.updates.max_chunk_kb)
+        receive_max = receive_maximum(max_packet)
         props = None
-        if v5 and m.session_expiry_s > 0:
+        if v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = m.session_expiry_s
+            if m.session_expiry_s > 0:
+                props.SessionExpiryInterval = m.session_expiry_s
+            # the broker drops what we would refuse anyway, and stops sending while we are behind
+            props.MaximumPacketSize = max_packet
+            props.ReceiveMaximum = receive_max
         kwargs: dict[str, Any] = {}
         if v5:
             kwargs["clean_start"] = m.session_expiry_s == 0
@@ -249,7 +259,9 @@ class Session:
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
             will=will, keepalive=m.keepalive_s, timeout=m.connect_timeout_s, tls_params=tls_params,
             tls_insecure=True if (m.tls.enabled and m.tls.insecure_skip_verify) else None,
-            max_inflight_messages=20, **kwargs)
+            max_inflight_messages=20, max_queued_incoming_messages=Intake.queue_size(receive_max),
+            **kwargs)
+        self._intake = Intake(client, max_packet, receive_max, self._once, self.intake)
         client.pending_calls_threshold = 10_000  # our window bounds in-flight calls; no warning spam
         paho = client._client
         on_publish = paho.on_publish
@@ -388,15 +400,20 @@ class Session:
             await self._subscribe(client, self.router.filters, subscribed, timeout_s)
 
     async def _receive(self, client: aiomqtt.Client) -> None:
+        """One message at a time into the router; waiting for room there is what stops the
+        reading (the broker holds what is not acknowledged yet)."""
+        intake = self._intake
+        assert intake is not None, "_make_client sets it"
         async for message in client.messages:
+            intake.taken(message)
             topic = message.topic.value
             payload = message.payload if isinstance(message.payload, bytes) else (
                 str(message.payload).encode() if message.payload is not None else b"")
             if topic == self.ping_topic:
                 self._pong(payload)
-                continue
-            if not self.router.dispatch(topic, payload):
+            elif not await self.router.put(topic, payload):
                 log.debug("message without a handler", extra={"kv": {"topic": topic}})
+            intake.done(message)
         raise ConnectionError("message stream ended")
 
     async def _ping(self, client: aiomqtt.Client) -> None:

@@ -10,6 +10,7 @@ run while gates are closed (balena-style); only the apply is gated, one job per 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import platform
 import time
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 MAX_CRASHES = 3  # a job whose task crashes more often than this (a bug, an OS error) fails
 CRASH_RETRY_INITIAL_S = 1.0
 CRASH_RETRY_MAX_S = 8.0
+REJECTIONS_FLUSH_S = 5.0  # how often the loop sends the counts of refusals whose window has passed
 
 
 class UpdatesComponent:
@@ -140,6 +142,8 @@ class UpdatesComponent:
             await asyncio.to_thread(t.close)
         self.transfers.clear()
         self.inputs.close()
+        self.book.rejections.flush()
+        await asyncio.to_thread(self.book.close)
 
     async def run(self) -> None:
         if not self.live.config.updates.enabled:
@@ -154,7 +158,9 @@ class UpdatesComponent:
                         del self._tasks[jid]
                         if not task.cancelled() and task.exception() is not None:
                             await self._job_crashed(jid, task.exception())
-                await self._wake.wait()
+                self.book.rejections.flush()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), REJECTIONS_FLUSH_S)
         finally:
             await self._stop_tasks()
 
@@ -227,7 +233,8 @@ class UpdatesComponent:
     def section(self) -> dict[str, Any]:
         """The `updates` section of telemetry and health.json: unfinished jobs and chunk counters."""
         jobs = [j.summary() for j in self.journal.jobs.values() if not j.final]
-        return {"jobs": jobs, "dropped_chunks": self.dropped_chunks, "rejected_chunks": self.rejected_chunks}
+        return {"jobs": jobs, "dropped_chunks": self.dropped_chunks, "rejected_chunks": self.rejected_chunks,
+                "refused": dict(self.book.rejections.totals)}
 
     def firmware_section(self) -> dict[str, Any]:
         """The `firmware` section: the installed version and the booted slot."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeagent.updates.component")
 
 MAX_MANIFEST_BYTES = 256 * 1024
+# a chunk index in a topic: ASCII digits only (str.isdigit() also takes "²" and "٣", int() then
+# fails or reads them), at most 9 of them (no manifest has a billion chunks)
+CHUNK_INDEX_RE = re.compile(r"[0-9]{1,9}")
 
 
 class Inputs:
@@ -37,6 +41,10 @@ class Inputs:
 
     def close(self) -> None:
         self.io.shutdown(wait=False)
+
+    def refuse(self, key: str, message: str, data: dict[str, object] | None = None) -> None:
+        """A refused message that belongs to no job: counted, one event per `key` per window."""
+        self.comp.book.rejections.refuse("update", key, message, dict(data or {}))
 
     def split_topic(self, topic: str) -> tuple[str, str] | None:
         """(job, rest) for a topic under our device's or one of our groups' updates."""
@@ -57,9 +65,8 @@ class Inputs:
             job_id, rest = split
             if rest in ("status", "request"):
                 return  # our own publications coming back
-            if not manifest.JOB_ID_RE.match(job_id):
-                self.comp.once.warning("bad-job-id", "update message with an invalid job id dropped: %s",
-                                       topic)
+            if not manifest.JOB_ID_RE.fullmatch(job_id):
+                self.refuse("topic", f"update message with an invalid job id: {topic[:200]!r}")
                 return
             if rest == "manifest":
                 async with self._manifest_lock:
@@ -68,6 +75,8 @@ class Inputs:
                 await self.on_chunk(job_id, rest[6:], payload)
             elif rest == "cancel":
                 await self.on_cancel(job_id, topic, payload)
+            else:
+                self.refuse("topic", f"update message on an unknown topic: {topic[:200]!r}")
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -110,7 +119,7 @@ class Inputs:
         facts = JobFacts.of(existing) if existing is not None else None
         for decision in d.decide(facts, event):
             if isinstance(decision, d.Refuse):
-                comp.book.refuse(job_id, decision.reason, existing)
+                comp.book.refuse(job_id, _refusal_key(event, existing), decision.reason, existing)
             elif isinstance(decision, d.Republish) and existing is not None:
                 log.info("manifest for known job %s received again: no-op", job_id)
                 comp.book.publish(existing)
@@ -130,13 +139,19 @@ class Inputs:
 
     # ------------------------------------------------------------------ chunks
     async def on_chunk(self, job_id: str, index_text: str, data: bytes) -> None:
+        """Write a chunk of a running transfer; anything else is dropped and counted. A chunk that
+        fails its check never reaches the disk and stays missing, so it is asked for again and the
+        genuine one is taken when it comes."""
+        if not CHUNK_INDEX_RE.fullmatch(index_text):
+            self.rejected_chunks += 1
+            self.refuse("chunk-topic", f"chunk index {index_text[:40]!r} of job {job_id} is not a number "
+                                       f"(1-9 ASCII digits)", {"job": job_id})
+            return
         transfer = self.comp.transfers.get(job_id)
         if transfer is None:
             self.dropped_chunks += 1
-            return
-        if not index_text.isdigit() or len(index_text) > 9:
-            self.rejected_chunks += 1
-            self._chunk_problem(job_id, f"chunk topic index {index_text!r} is not a number")
+            if job_id not in self.comp.journal.jobs:  # a known job's: other devices' requests, late
+                self.refuse("orphan-chunk", f"chunk for unknown job {job_id}", {"job": job_id})
             return
         try:
             loop = asyncio.get_running_loop()
@@ -151,10 +166,11 @@ class Inputs:
                 ev.set()
 
     def _chunk_problem(self, job_id: str, reason: str) -> None:
-        self.comp.once.warning(f"chunk:{job_id}", "chunk dropped: %s", reason, extra={"kv": {"job": job_id}})
         job = self.comp.journal.jobs.get(job_id)
         if job is not None:
-            self.comp.book.note(job, f"chunk dropped: {reason}")
+            self.comp.book.note(job, "bad-chunk", f"chunk dropped: {reason}")
+        else:
+            self.refuse("bad-chunk", f"chunk dropped: {reason}", {"job": job_id})
 
     # ------------------------------------------------------------------ cancel
     async def on_cancel(self, job_id: str, topic: str, payload: bytes) -> None:
@@ -170,9 +186,7 @@ class Inputs:
         facts = JobFacts.of(job) if job is not None else None
         for decision in d.decide(facts, d.CancelRequested(problem)):
             if isinstance(decision, d.Refuse):
-                log.warning("cancel refused: %s", decision.reason, extra={"kv": {"job": job_id}})
-                comp.outbox.emit_event("update", "warning", f"cancel of {job_id} refused: {decision.reason}",
-                                       {"job": job_id})
+                self.refuse("cancel", f"cancel of {job_id} refused: {decision.reason}", {"job": job_id})
             elif isinstance(decision, d.Ignore) and job is not None and not job.final:
                 log.warning("cancel of job %s ignored: already %s", job_id, job.state)
                 comp.outbox.emit_event("update", "warning", f"cancel of {job_id} too late: {job.state}",
@@ -182,3 +196,14 @@ class Inputs:
             elif isinstance(decision, d.Finish) and job is not None:
                 await comp.book.transition(job, decision.state, decision.reason)
                 await comp.book.cleanup(job)
+
+
+def _refusal_key(event: d.ManifestReceived, existing: Job | None) -> str:
+    """The Rejections reason of a refused manifest: which check it failed (stable, short)."""
+    if event.parse_problem:
+        return "manifest-malformed"
+    if existing is not None:
+        return "manifest-reused"
+    if event.signature_problem:
+        return "manifest-signature"
+    return "manifest"
