@@ -199,8 +199,8 @@ def test_bounds_on_signed_numbers(env: dict[str, Any], tmp_path: Path) -> None:
     size = 4096 * 3 - 5
     assert "chunk_size 1024 is below 4096 bytes" in field_reason(
         env, size=size, chunk_size=1024, chunks=12, chunk_sha256=["0" * 64] * 12)
-    assert "65537 chunks, at most 65536" in field_reason(env, size=4096 * 65537, chunk_size=4096,
-                                                         chunks=65537)
+    assert "12289 chunks, at most 12288" in field_reason(env, size=4096 * 12289, chunk_size=4096,
+                                                         chunks=12289)
     assert "chunk_size must be a positive integer" in field_reason(env, chunk_size=0)
     assert "chunks must be a positive integer" in field_reason(env, chunks=-1)
     assert "chunk_size must be an integer" in field_reason(env, chunk_size=65536.0)  # exact integers only
@@ -232,8 +232,8 @@ def test_push_builds_what_devices_accept_and_refuses_what_they_would_not(tmp_pat
     assert one["chunks"] == 1
     big = tmp_path / "big.bin"
     with open(big, "wb") as f:
-        f.truncate(4096 * 65536 + 1)  # sparse: no disk used
-    with pytest.raises(ValueError, match="at most 65536"):
+        f.truncate(4096 * 12288 + 1)  # sparse: no disk used
+    with pytest.raises(ValueError, match="at most 12288"):
         build_manifest(big, job="j", kind="model", name="n", version="1.0.0", chunk_size=4096)
     (tmp_path / "empty").write_bytes(b"")
     with pytest.raises(ValueError, match="empty file"):

@@ -40,9 +40,9 @@ KIB = 1024
 # topic (ours are < 300 bytes: prefix/group/G/updates/J/chunk/N), fixed header, packet id and the
 # properties a broker forwards (user properties of the publisher: a few KiB at most in practice)
 HEADROOM_BYTES = 16 * KIB
-# the largest non-chunk message we accept: a signed manifest (updates.inputs.MAX_MANIFEST_BYTES)
-# or a desired config (remote_config.MAX_PAYLOAD_BYTES), both 256 KiB
-MIN_PAYLOAD_BYTES = 256 * KIB
+# the largest non-chunk message we accept: a signed manifest (updates.inputs.MAX_MANIFEST_BYTES,
+# 1 MiB: one sha256 per chunk) or a desired config (remote_config.MAX_PAYLOAD_BYTES, 256 KiB)
+MIN_PAYLOAD_BYTES = 1024 * KIB
 # the bytes the broker may have in flight to us at once (ReceiveMaximum x MaximumPacketSize)
 INFLIGHT_BUDGET_BYTES = 8 << 20
 RECEIVE_MAXIMUM_MIN = 2

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgeagent.updates.component")
 
-MAX_MANIFEST_BYTES = 256 * 1024
+MAX_MANIFEST_BYTES = 1024 * 1024  # MAX_CHUNKS chunk digests (67 bytes each in JSON) fit
 # a chunk index in a topic: ASCII digits only (str.isdigit() also takes "²" and "٣", int() then
 # fails or reads them), at most 9 of them (no manifest has a billion chunks)
 CHUNK_INDEX_RE = re.compile(r"[0-9]{1,9}")

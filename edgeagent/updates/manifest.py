@@ -33,10 +33,11 @@ MAX_EXACT_INT = 2**53 - 1
 # Below this a hostile manifest turns one artifact into a flood of tiny messages and per-chunk state;
 # a single chunk (a small file) may be shorter.
 MIN_CHUNK_SIZE = 4 * 1024
-# Per-chunk state (received map, digests, request ranges) is held for every chunk of a job: 65,536
-# chunks of the default 64 KiB already carry 4 GiB, far above any artifact cap a board runs with, so
-# a larger count only serves a manifest built to make us allocate.
-MAX_CHUNKS = 65_536
+# Per-chunk state (received map, digests, request ranges) is held for every chunk of a job, and the
+# manifest lists one sha256 per chunk: 12,288 chunks of the default 64 KiB carry 768 MiB (above the
+# default 512 MiB artifact cap) in a manifest of about 830 KB, under updates.inputs.MAX_MANIFEST_BYTES.
+# A larger count only serves a manifest built to make us allocate: use larger chunks instead.
+MAX_CHUNKS = 12_288
 
 
 @dataclass(frozen=True, slots=True)
