@@ -36,7 +36,9 @@ from tests.util import wait_until
 
 # what the agent itself keeps rewriting while it runs: events and telemetry live in the spool,
 # health in health.json; everything else in the state dir must stay as it was
-SNAPSHOT_EXEMPT = re.compile(r"^(spool\.sqlite(-wal|-shm|-journal)?|health\.json)$")
+# (and the temp files of their atomic writes: `.health.json.XXXX.tmp`)
+SNAPSHOT_EXEMPT = re.compile(
+    r"^\.?(spool\.sqlite(-wal|-shm|-journal|\.seq\.json)?|health\.json)(\.[^/]*\.tmp)?$")
 INSTALLED_FIRMWARE = "5.0.0"
 EVIDENCE_TIMEOUT_S = float(os.environ.get("HOSTILE_EVIDENCE_TIMEOUT_S", "15"))
 
@@ -83,8 +85,10 @@ class Operator:
                  ttl_s: int = 86400, issued_at: int | None = None, **override: Any) -> dict[str, Any]:
         """An unsigned manifest as `edgeagent push` builds it (type and audience included)."""
         t = issued_at if issued_at is not None else now_s()
+        # push refuses what every device refuses (tiny chunks): a hostile one is built, then bent
         m = build_manifest(self.artifact, job=job, kind=kind, name="vibration-anomaly" if kind == "model"
-                           else "os", version=version, chunk_size=chunk_size, issued_at=t)
+                           else "os", version=version, chunk_size=max(chunk_size, 4096), issued_at=t)
+        m["chunk_size"] = chunk_size
         m["expires"] = t + ttl_s
         m["type"] = "manifest"
         targets = dict(m.get("targets", {}))
@@ -238,13 +242,14 @@ def changes(before: Snapshot, after: Snapshot, allow: Iterable[str] = ()) -> lis
 
 
 def applied_config(state_dir: Path) -> dict[str, Any]:
-    """The applied remote layer without its bookkeeping of versions seen (a verified but rejected
-    desired config may move that mark; what runs must not change)."""
+    """What runs from the applied remote layer: its version and config (a verified but rejected
+    desired config may move the mark of versions seen, and so create the file; what runs must not
+    change)."""
     try:
         doc = tomllib.loads((state_dir / "config.applied.toml").read_text())
     except (OSError, ValueError):
-        return {}
-    return {k: v for k, v in doc.items() if "seen" not in k}
+        doc = {}
+    return {"version": doc.get("version", 0), "config": doc.get("config", {})}
 
 
 # --------------------------------------------------------------------------- the suite's world

@@ -30,6 +30,9 @@ class ManifestReceived:
     digest: str = ""  # of the parsed message; '' when it could not be parsed
     parse_problem: str = ""  # too large, malformed, names another job
     signature_problem: str = ""  # untrusted, unsigned, no keys configured, malformed fields
+    # signed, but names other devices or groups: a replay from elsewhere, refused like a forgery
+    # (counted, nothing journaled), since this device was never meant to act on it
+    audience_problem: str = ""
     check_problem: str = ""  # signed, but not for us (expired, arch, version not newer, ...)
 
 
@@ -311,6 +314,8 @@ def on_manifest(job: JobFacts | None, ev: ManifestReceived) -> Decision:
         return Refuse(f"job id {job.job} reused with a different manifest (job stays {job.state})")
     if ev.signature_problem:
         return Refuse(ev.signature_problem)
+    if ev.audience_problem:
+        return Refuse(ev.audience_problem)
     if ev.check_problem:
         return Reject(ev.check_problem)
     return Accept()

@@ -8,7 +8,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from edgeagent.core import protocol
+from edgeagent.core import audience, protocol
 from edgeagent.core.errors import ChunkRejected, ManifestRejected, ProtocolError
 from edgeagent.updates import decide as d
 from edgeagent.updates import manifest
@@ -106,6 +106,10 @@ class Inputs:
             m = manifest.verify(msg, self.comp.trusted)
         except ManifestRejected as exc:
             return d.ManifestReceived(digest=digest, signature_problem=exc.reason), msg, None
+        device = self.comp.live.config.device
+        not_ours = audience.problem(m.audience, device.id, device.groups)
+        if not_ours is not None:
+            return d.ManifestReceived(digest=digest, audience_problem=not_ours), msg, None
         try:
             manifest.check(m, self.comp.checks(m))
         except ManifestRejected as exc:
@@ -206,4 +210,6 @@ def _refusal_key(event: d.ManifestReceived, existing: Job | None) -> str:
         return "manifest-reused"
     if event.signature_problem:
         return "manifest-signature"
+    if event.audience_problem:
+        return "manifest-audience"
     return "manifest"
