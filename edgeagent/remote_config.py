@@ -59,6 +59,7 @@ from edgeagent.core.live import LiveConfig, Outbox, Router
 from edgeagent.core.logs import Once
 from edgeagent.core.rejections import Rejections
 from edgeagent.core.signing import load_trusted_keys, verify
+from edgeagent.core.tasks import wait_event
 from edgeagent.inference.store import SHIPPED_DIR, SHIPPED_FILES, ModelStore, check_name
 
 __all__ = ["Desired", "RemoteConfigComponent", "config_sha256", "load_effective", "model_errors",
@@ -247,10 +248,7 @@ class RemoteConfigComponent:
             # once anything was refused, wake now and then to send the count of its window
             timeout = (PROBATION_TICK_S if self.probation is not None
                        else self.rejections.window_s if self.rejections.totals else None)
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._wake, timeout)
 
     async def handle(self, payload: bytes) -> None:
         """One desired message: applied, rejected (reported), refused (not verified: counted, no

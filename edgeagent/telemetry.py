@@ -9,7 +9,6 @@ message, `telemetry.batch_wait_s`) happens when publishing, so every sample is d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 from edgeagent.core.live import LiveConfig, Metrics, Sections
 from edgeagent.core.logs import Once
+from edgeagent.core.tasks import wait_event
 from edgeagent.transport.outbox import SampleSink
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,7 @@ class TelemetryComponent:
     async def run(self) -> None:
         # the first sample waits (a little) for the monitor's first reading: no empty sample per start
         if not self.metrics.latest:
-            with contextlib.suppress(asyncio.TimeoutError):
-                wait_s = min(self._interval_s(), FIRST_METRICS_WAIT_S)
-                await asyncio.wait_for(self._first_metrics.wait(), wait_s)
+            await wait_event(self._first_metrics, min(self._interval_s(), FIRST_METRICS_WAIT_S))
         last = -math.inf
         while True:
             interval = self._interval_s()

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from edgeagent.core.config import Config
 from edgeagent.core.protocol import Topics
+from edgeagent.core.tasks import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,7 @@ class LiveConfig:
     async def sleep_or_change(self, seconds: float) -> None:
         """Sleep, but wake early when a knob changes (so a new interval applies at once)."""
         changed = self.changed  # taken now: a change from here on wakes us
-        try:
-            await asyncio.wait_for(changed.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
-            pass
+        await wait_event(changed, seconds)
 
 
 class Metrics:

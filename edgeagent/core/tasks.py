@@ -42,3 +42,21 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]] | asyncio.Future[
                 log.debug("task ended with %r while being cancelled", exc)
     if cancelled_here:
         raise asyncio.CancelledError
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
+    """Wait until `event` is set (True) or `timeout_s` passes (False).
+
+    Use this instead of `asyncio.wait_for(event.wait(), t)` in loops: on Python 3.11, wait_for
+    returns normally when the event is set in the same turn as a cancellation of the caller, and
+    the cancellation is lost (the loop goes on, and whoever cancelled it waits for ever).
+    """
+    if event.is_set():
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait((waiter,), timeout=timeout_s)
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+    return event.is_set()

@@ -25,7 +25,7 @@ from edgeagent.core.config_layers import ConfigLayers
 from edgeagent.core.errors import ConfigError, ExprError
 from edgeagent.core.live import LiveConfig, Metrics, Outbox, Router, Sections
 from edgeagent.core.logs import Once
-from edgeagent.core.tasks import cancel_and_wait
+from edgeagent.core.tasks import cancel_and_wait, wait_event
 from edgeagent.rules.busy import BusyTopicWatcher
 from edgeagent.rules.engine import CompiledRule, RuleEngine, Transition
 
@@ -111,11 +111,8 @@ class RulesComponent:
             self.step()
             cfg = self.live.config
             interval_s = max(0.05, cfg.monitor.interval_s * self.live.factor("monitor"))
-            try:
-                # a new monitor sample wakes us; the timeout keeps `for`/clear timing going without one
-                await asyncio.wait_for(self._wake.wait(), timeout=interval_s)
-            except asyncio.TimeoutError:
-                pass
+            # a new monitor sample wakes us; the timeout keeps `for`/clear timing going without one
+            await wait_event(self._wake, interval_s)
             self._wake.clear()
 
     # -- one evaluation turn (synchronous: tests drive it with a fake clock)

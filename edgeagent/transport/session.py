@@ -28,6 +28,7 @@ from edgeagent.core.config import Config, MqttConfig
 from edgeagent.core.errors import EdgeAgentError
 from edgeagent.core.logs import Once
 from edgeagent.core.protocol import Topics, dumps, status_offline
+from edgeagent.core.tasks import wait_event
 from edgeagent.transport.intake import Intake, IntakeStats, max_packet_bytes, receive_maximum
 from edgeagent.transport.outbox import SpoolOutbox
 from edgeagent.transport.publisher import Publisher, PublishStats
@@ -155,8 +156,7 @@ class Session:
                 if left <= 0 or not self.connected:
                     break
                 pub.progress.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(pub.progress.wait(), left)
+                await wait_event(pub.progress, left)
         self._stop.set()
         task = self._task
         if task is not None:
@@ -222,8 +222,7 @@ class Session:
         self.last_error = message
         self._once.warning(key, "%s; retrying in %.1fs", message, delay,
                            extra={"kv": {"attempt": attempt, "retry_in_s": round(delay, 2)}})
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), delay)
+        await wait_event(self._stop, delay)
 
     def _make_client(self, cfg: Config) -> aiomqtt.Client:
         import aiomqtt

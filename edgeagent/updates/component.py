@@ -10,7 +10,6 @@ run while gates are closed (balena-style); only the apply is gated, one job per 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import platform
 import time
@@ -26,7 +25,7 @@ from edgeagent.core.backoff import backoff_s
 from edgeagent.core.errors import ConfigError
 from edgeagent.core.live import LiveConfig, Metrics, Outbox, Router
 from edgeagent.core.logs import Once
-from edgeagent.core.tasks import cancel_and_wait
+from edgeagent.core.tasks import cancel_and_wait, wait_event
 from edgeagent.monitor.context import MetricsAverager
 from edgeagent.updates import decide as d
 from edgeagent.updates import manifest
@@ -159,8 +158,7 @@ class UpdatesComponent:
                         if not task.cancelled() and task.exception() is not None:
                             await self._job_crashed(jid, task.exception())
                 self.book.rejections.flush()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), REJECTIONS_FLUSH_S)
+                await wait_event(self._wake, REJECTIONS_FLUSH_S)
         finally:
             await self._stop_tasks()
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from edgeagent.core.config import GateConfig
 from edgeagent.core.errors import BundleRejected, ModelRejected, ModelRolledBack
 from edgeagent.core.protocol import job_request
-from edgeagent.core.tasks import cancel_and_wait
+from edgeagent.core.tasks import cancel_and_wait, wait_event
 from edgeagent.monitor.context import DeviceContext, build_context
 from edgeagent.updates import bundle, manifest
 from edgeagent.updates import decide as d
@@ -125,13 +125,10 @@ class Performer:
                     if isinstance(decision, d.RequestChunks):
                         self._request(job, puller, decision.restart, transfer.received)
                 event.clear()
-                try:
-                    await asyncio.wait_for(event.wait(), min(interval, max(0.01, m.expires - now)))
+                if await wait_event(event, min(interval, max(0.01, m.expires - now))):
                     interval, unanswered = cfg.request_interval_s, 0
                     self._progress(job, transfer)
                     continue
-                except asyncio.TimeoutError:
-                    pass
                 if transfer.complete:
                     break
                 quiet = d.ChunksQuiet(comp.router.connected, unanswered, cfg.max_requests,
