@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the runtime is imported lazily, per command
 
 # runtime modules with `add_parsers(sub: argparse._SubParsersAction) -> None`
 PLUGINS: tuple[str, ...] = ("edgeagent.monitor.cli", "edgeagent.config_cli", "edgeagent.transport.cli",
-                           "edgeagent.status")
+                           "edgeagent.status", "edgeagent.support.cli")
 # operator tools plug in from outside the runtime (pyproject.toml [project.entry-points])
 ENTRY_POINT_GROUP = "edgeagent.commands"
 
@@ -64,7 +64,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"  {e}", file=sys.stderr)
         return 2
     cfg = effective.config
-    logs.setup(args.log_level or cfg.logging.level, cfg.logging.format)
+    logs.setup(args.log_level or cfg.logging.level, cfg.logging.format,
+               ring_lines=cfg.logging.ring_lines, ring_kb=cfg.logging.ring_kb)
     return asyncio.run(run_agent(cfg, effective=effective))
 
 

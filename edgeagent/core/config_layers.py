@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 APPLIED_FILE = "config.applied.toml"
 # read once at start by their components: a change is named in the report and applies on next start
 RESTART_KEYS = (
-    "device", "mqtt", "sensors", "agent", "logging.format", "busy.topic", "config.enabled",
+    "device", "mqtt", "sensors", "agent", "logging.format", "logging.ring_lines", "logging.ring_kb",
+    "busy.topic", "config.enabled",
     "inference.enabled", "inference.runtime", "inference.model", "inference.model_variant",
     "inference.num_threads", "inference.delegate", "inference.queue_max",
 )

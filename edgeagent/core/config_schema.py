@@ -74,6 +74,9 @@ class AgentConfig:
 class LoggingConfig:
     level: str = field(default="INFO", metadata=_check(_level_check))
     format: Literal["kv", "json"] = "kv"
+    # the recent lines kept in memory for a support bundle (whichever bound is reached first)
+    ring_lines: int = field(default=2000, metadata=_range(1, 1_000_000))
+    ring_kb: float = field(default=512.0, metadata=_range(1, 1_048_576))
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +292,12 @@ class RemoteConfigConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SupportConfig:
+    # a support bundle (compressed) stays within this; what does not fit is listed as omitted
+    max_bundle_mb: float = field(default=5.0, metadata=_range(0.01, 1024))
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     device: DeviceConfig = DeviceConfig()
     agent: AgentConfig = AgentConfig()
@@ -304,6 +313,7 @@ class Config:
     power_save: PowerSaveConfig = PowerSaveConfig()
     busy: BusyConfig = BusyConfig()
     config: RemoteConfigConfig = RemoteConfigConfig()
+    support: SupportConfig = SupportConfig()
 
     @property
     def state_dir(self) -> Path:

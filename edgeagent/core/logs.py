@@ -12,6 +12,9 @@ import sys
 import time
 from typing import Any
 
+from edgeagent.core.logring import LogRing, RingHandler, installed_ring
+
+__all__ = ["JsonFormatter", "KvFormatter", "LogRing", "Once", "installed_ring", "set_level", "setup"]
 _RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime", "kv"}
 
 
@@ -48,16 +51,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
-def setup(level: str = "INFO", fmt: str = "kv") -> None:
+def setup(level: str = "INFO", fmt: str = "kv", *, ring_lines: int = 2000,
+          ring_kb: float = 512.0) -> LogRing:
+    """One stderr handler and one in-memory ring (the recent lines for a support bundle), both with
+    the same formatter; returns the ring (`installed_ring()` finds it again)."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
+    formatter = JsonFormatter() if fmt == "json" else KvFormatter()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else KvFormatter())
+    handler.setFormatter(formatter)
     root.addHandler(handler)
+    ring = LogRing(ring_lines, max(1, int(ring_kb * 1024)))
+    ring_handler = RingHandler(ring)
+    ring_handler.setFormatter(formatter)
+    root.addHandler(ring_handler)
     root.setLevel(level.upper())
     for noisy in ("asyncio",):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    return ring
 
 
 def set_level(level: str) -> None:
