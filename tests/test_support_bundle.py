@@ -106,7 +106,8 @@ def test_no_secret_anywhere_and_the_manifest_tells_the_truth(device: Path, tmp_p
     assert "${SUPPORT_TEST_TOKEN}" in members["config/file.toml"].decode()  # names no value
     assert "<redacted" in members["config/effective.toml"].decode()
     spool = json.loads(members["spool.json"])
-    assert spool["backlog_by_kind"]["samples"]["rows"] == 5 and spool["backlog_by_kind"]["events"]["rows"] == 1
+    kinds = spool["backlog_by_kind"]
+    assert kinds["samples"]["rows"] == 5 and kinds["events"]["rows"] == 1
     models = json.loads(members["models.json"])
     tfl = next(f for f in models["files"] if f["path"].endswith("model.tflite"))
     assert tfl["sha256"] == hashlib.sha256(b"\x00tflite" * 100).hexdigest()
