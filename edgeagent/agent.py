@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from edgeagent import __version__
 from edgeagent.core import config as cfgmod
+from edgeagent.core import logs
 from edgeagent.core.backoff import backoff_s
 from edgeagent.core.config import Config
 from edgeagent.core.config_layers import ConfigLayers, EffectiveConfig
@@ -92,6 +93,7 @@ def default_components(w: Wiring) -> list[Component]:
     from edgeagent.monitor.component import MonitorComponent
     from edgeagent.remote_config import RemoteConfigComponent
     from edgeagent.rules import RulesComponent
+    from edgeagent.support.component import SupportComponent
     from edgeagent.telemetry import TelemetryComponent
     from edgeagent.transport import TransportComponent
     from edgeagent.updates import UpdatesComponent
@@ -115,9 +117,13 @@ def default_components(w: Wiring) -> list[Component]:
                                rtt_ms=lambda: transport.mqtt_section().get("rtt_ms"))
     remote = RemoteConfigComponent(w.live, w.outbox, w.router, w.layers, w.request_restart)
     w.crash_listeners.append(remote.on_crash)
-    components += [rules, updates, remote]
+    # the log ring (issue 20, parts 1-2) provides `logs.recent(n)`; until it exists a bundle has no log lines
+    recent = getattr(logs, "recent", None)
+    support = SupportComponent(w.live, w.outbox, w.router, lambda: transport.session,
+                               recent if recent is not None else lambda n: [])
+    components += [rules, updates, remote, support]
     sections.update(rules=rules.section, updates=updates.section, firmware=updates.firmware_section,
-                    config=remote.section)
+                    config=remote.section, support=support.section)
     w.sections.bind(sections)
     return components
 

@@ -44,6 +44,7 @@ from edgeagent.core.config_schema import (
     SensorsConfig,
     SimulatedSensorConfig,
     SpoolConfig,
+    SupportConfig,
     TelemetryConfig,
     TlsConfig,
     UpdatesConfig,
@@ -62,7 +63,7 @@ __all__ = [
     "CsvSensorConfig", "DeviceConfig", "EnvStr", "FirmwareConfig", "GateConfig", "GatesConfig",
     "InferenceConfig", "LoggingConfig", "MonitorConfig", "MqttConfig", "MqttSensorConfig",
     "PowerSaveConfig", "RemoteConfigConfig", "RuleConfig", "SensorsConfig", "SimulatedSensorConfig",
-    "SpoolConfig", "TelemetryConfig", "TlsConfig", "UpdatesConfig", "WindowConfig", "build",
+    "SpoolConfig", "SupportConfig", "TelemetryConfig", "TlsConfig", "UpdatesConfig", "WindowConfig", "build",
     "check_action", "default_device_id", "load", "merge_layers", "parse_action", "parse_duration_s",
     "read_toml", "substitute_env", "summary", "to_dict",
 ]

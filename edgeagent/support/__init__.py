@@ -1,0 +1,1 @@
+"""Remote diagnostics: the support bundle, signed support requests and the component serving them."""
