@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from edgeagent.core import protocol, signing
 from edgeagent.core.errors import ConfigError, EdgeAgentError
@@ -308,14 +308,14 @@ def _cmd_log_level(args: argparse.Namespace) -> int:
     return 0
 
 
-def _support_subcommands(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+def _support_subcommands(sub: argparse._SubParsersAction[Any]) -> argparse._SubParsersAction[Any]:
     """The `support` verb's subcommands, shared with the device's own `support bundle` when present."""
     parser = sub.choices.get("support")
     if parser is None:
         parser = sub.add_parser("support", help="remote diagnostics: support bundles, log level on request")
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            return action  # type: ignore[no-any-return]  # argparse types _actions loosely
+            return cast("argparse._SubParsersAction[Any]", action)
     inner = parser.add_subparsers(dest="support_command", metavar="SUBCOMMAND")
     inner.required = True
     return inner
@@ -337,7 +337,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     pl = inner.add_parser("pull", help="pull a support bundle from a device over MQTT (signed request)")
     target = pl.add_mutually_exclusive_group(required=True)
     target.add_argument("--device", help="the device to pull from (signed as targets.devices)")
-    target.add_argument("--group", help="pull from each of --devices (signed for the group too) into a folder")
+    target.add_argument("--group", help="pull from each of --devices (signed for the group) into a folder")
     pl.add_argument("--devices", help="comma-separated device ids of the group")
     pl.add_argument("--lines", type=int, help=f"recent log lines to include (default {DEFAULT_LINES})")
     pl.add_argument("-o", "--output", help="file (one device) or folder (--group) to write")
