@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from edgeagent.core import protocol, signing
 from edgeagent.core.errors import ConfigError, EdgeAgentError
@@ -310,12 +310,12 @@ def _cmd_log_level(args: argparse.Namespace) -> int:
 
 def _support_subcommands(sub: argparse._SubParsersAction[Any]) -> argparse._SubParsersAction[Any]:
     """The `support` verb's subcommands, shared with the device's own `support bundle` when present."""
-    parser = sub.choices.get("support")
+    parser: argparse.ArgumentParser | None = sub.choices.get("support")
     if parser is None:
         parser = sub.add_parser("support", help="remote diagnostics: support bundles, log level on request")
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            return cast("argparse._SubParsersAction[Any]", action)
+            return action
     inner = parser.add_subparsers(dest="support_command", metavar="SUBCOMMAND")
     inner.required = True
     return inner
