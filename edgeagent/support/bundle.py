@@ -45,6 +45,8 @@ def build_bundle(cfg: Config, out: Path, *, max_bytes: int, log_lines: Sequence[
     health = cfg.state_dir / "health.json"
     if health.is_file():
         parts.append(("health.json", health.read_bytes()))
+    for job_log in sorted(cfg.state_dir.glob("updates/*/log.txt")):
+        parts.append((f"updates/{job_log.parent.name}/log.txt", job_log.read_bytes()))
     files: list[str] = []
     omitted: list[str] = []
     used = 0
