@@ -111,7 +111,8 @@ def test_pacer_holds_the_average_rate() -> None:
 
 def test_status_and_manifest_payloads() -> None:
     s = rq.status("j1", "sending", progress=0.123456, ts=1.0, size=10)
-    assert s == {"v": 1, "job": "j1", "state": "sending", "reason": "", "progress": 0.1235, "ts": 1.0, "size": 10}
+    assert s == {"v": 1, "job": "j1", "state": "sending", "reason": "", "progress": 0.1235, "ts": 1.0,
+                 "size": 10}
     with pytest.raises(ValueError):
         rq.status("j1", "exploded")
     m = rq.manifest("j1", 100_000, "ab", 65536, ["a"], [])
