@@ -98,6 +98,7 @@ class SupportComponent:
         self._restore_level: str | None = None
         self._level_until: float | None = None
         self._wake = asyncio.Event()
+        self._save_lock = asyncio.Lock()  # seen.json writes land in the order they were made
         self.served = 0
         self.sent_bytes = 0
 
@@ -161,17 +162,22 @@ class SupportComponent:
         except rq.Refused as exc:
             self._refuse(rq.job_of(topic, self.live.topics.base), exc)
             return
-        # remembered before acting: a crash mid-way must not make the request replayable
+        # taken with no await since the checks, so a second request cannot slip in between
         self.seen.add(req.job, req.expires, self.clock())
-        await asyncio.to_thread(self.seen.save)
         log.info("support request %s accepted: %s", req.job, req.action,
                  extra={"kv": {"job": req.job, "key_id": req.key_id}})
         if req.action == "log_level":
+            await self._remember()
             await self._raise_level(req)
             return
         self._job_id = req.job
         self._job = asyncio.create_task(self._serve(req), name=f"support-job:{req.job}")
         self._job.add_done_callback(lambda _t: self._wake.set())
+
+    async def _remember(self) -> None:
+        """Persist the seen job ids before acting: a crash mid-way must not make a request replayable."""
+        async with self._save_lock:
+            await asyncio.to_thread(self.seen.write, self.seen.dump())
 
     def _refuse(self, job: str | None, exc: rq.Refused) -> None:
         reported = self.rejections.refuse("support", exc.reason, f"support request {job}: {exc.message}",
@@ -216,6 +222,7 @@ class SupportComponent:
         cfg = self.live.config
         job = req.job
         out = self.dir / f"{job}.tar.gz"
+        await self._remember()
         self._status(job, "building")
         try:
             lines = list(self.log_lines(req.lines)) if req.lines else []

@@ -164,9 +164,16 @@ class Seen:
         while len(self.ids) > self.max_ids:
             del self.ids[min(self.ids, key=lambda j: self.ids[j])]
 
-    def save(self) -> None:
+    def dump(self) -> bytes:
+        """What `write` persists; taken on the loop, so a write in a thread never sees it change."""
+        return json.dumps({"v": 1, "jobs": self.ids}).encode()
+
+    def write(self, data: bytes) -> None:
         """Blocking: run it off the event loop."""
-        atomic_write_bytes(self.path, json.dumps({"v": 1, "jobs": self.ids}).encode())
+        atomic_write_bytes(self.path, data)
+
+    def save(self) -> None:
+        self.write(self.dump())
 
 
 def status(job: str, state: str, reason: str = "", progress: float = 0.0, ts: float | None = None,
