@@ -32,6 +32,7 @@ from edgeagent.core.backoff import backoff_s
 from edgeagent.core.config import Config
 from edgeagent.core.config_layers import ConfigLayers, EffectiveConfig
 from edgeagent.core.live import LiveConfig, Metrics, OutboxRelay, RouterRelay, Sections
+from edgeagent.core.logring import installed_ring
 from edgeagent.core.sdnotify import Notifier
 from edgeagent.core.tasks import cancel_and_wait
 from edgeagent.health import HealthWriter
@@ -92,6 +93,7 @@ def default_components(w: Wiring) -> list[Component]:
     from edgeagent.monitor.component import MonitorComponent
     from edgeagent.remote_config import RemoteConfigComponent
     from edgeagent.rules import RulesComponent
+    from edgeagent.support.component import SupportComponent
     from edgeagent.telemetry import TelemetryComponent
     from edgeagent.transport import TransportComponent
     from edgeagent.updates import UpdatesComponent
@@ -115,11 +117,18 @@ def default_components(w: Wiring) -> list[Component]:
                                rtt_ms=lambda: transport.mqtt_section().get("rtt_ms"))
     remote = RemoteConfigComponent(w.live, w.outbox, w.router, w.layers, w.request_restart)
     w.crash_listeners.append(remote.on_crash)
-    components += [rules, updates, remote]
+    support = SupportComponent(w.live, w.outbox, w.router, lambda: transport.session, _recent_log_lines)
+    components += [rules, updates, remote, support]
     sections.update(rules=rules.section, updates=updates.section, firmware=updates.firmware_section,
-                    config=remote.section)
+                    config=remote.section, support=support.section)
     w.sections.bind(sections)
     return components
+
+
+def _recent_log_lines(n: int) -> list[str]:
+    """The last `n` lines of the in-memory log ring `logs.setup` installed (none in a bare test)."""
+    ring = installed_ring()
+    return ring.recent(n) if ring is not None else []
 
 
 class Agent:

@@ -32,7 +32,8 @@ def test_keygen_and_sign(tmp_path: Path) -> None:
     # no type: a device would refuse it, so sign refuses it, saying how to fix it
     res = subprocess.run([*sign, str(tmp_path / "cancel.json")], capture_output=True, text=True)
     assert res.returncode == 2 and res.stdout == ""
-    assert 'has no "type": devices refuse it; add one or pass --type (manifest|cancel|config)' in res.stderr
+    assert ('has no "type": devices refuse it; add one or pass --type (manifest|cancel|config|support)'
+            in res.stderr)
     res = subprocess.run([*sign, "--type", "cancel", str(tmp_path / "cancel.json")], capture_output=True,
                          text=True, check=True)
     signed_cancel = json.loads(res.stdout)

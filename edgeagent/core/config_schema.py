@@ -293,8 +293,18 @@ class RemoteConfigConfig:
 
 @dataclass(frozen=True, slots=True)
 class SupportConfig:
+    """Remote diagnostics (`P/D/support/J/request`): bundle pulls and log level on request."""
+
+    enabled: bool = True
+    # chunks are published straight through the session at most this fast, so telemetry keeps its rate
+    rate_kbps: float = field(default=256.0, metadata=_range(1, 1_048_576))
+    chunk_kb: float = field(default=64.0, metadata=_range(4, 1024))
     # a support bundle (compressed) stays within this; what does not fit is listed as omitted
     max_bundle_mb: float = field(default=5.0, metadata=_range(0.01, 1024))
+    max_lines: int = field(default=5000, metadata=_range(0, 1_000_000))  # log lines a request may ask for
+    max_log_level_s: float = field(default=3600.0, metadata=_range(1, 86400))
+    # a request signed to live longer than this is refused: it bounds how long a job id must be remembered
+    max_request_ttl_s: float = field(default=86400.0, metadata=_range(1, 604800))
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from edgeagent import __version__
 from edgeagent.core.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
-EVENT_KINDS = ("anomaly", "rule", "update", "config", "error")
+EVENT_KINDS = ("anomaly", "rule", "update", "config", "error", "support")
 SEVERITIES = ("info", "warning", "critical")
 JOB_STATES = (
     "received", "rejected", "downloading", "verified", "deferred", "installing", "rebooting",
@@ -65,6 +65,15 @@ class Topics:
     def updates_filter(self) -> str:
         """Manifests, chunks and cancels addressed to this device."""
         return f"{self.base}/updates/+/#"
+
+    def support(self, job: str, leaf: str) -> str:
+        """`P/D/support/J/<leaf>`: request (in), status, manifest, chunk/N (out)."""
+        return f"{self.base}/support/{job}/{leaf}"
+
+    @property
+    def support_filter(self) -> str:
+        """Support requests addressed to this device (only requests: our own chunks never come back)."""
+        return f"{self.base}/support/+/request"
 
     def group_updates_filter(self, group: str) -> str:
         return f"{self.prefix}/group/{group}/updates/+/#"

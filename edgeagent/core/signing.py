@@ -1,4 +1,5 @@
-"""Ed25519 signatures over canonical JSON (manifests, cancels, desired configs), bound to their purpose.
+"""Ed25519 signatures over canonical JSON (manifests, cancels, desired configs, support requests),
+bound to their purpose.
 
 The signature covers the RFC 8785 (JCS) form of the message without `sig`, so a signer in any
 language can reproduce the bytes. Every signed message names its `type` inside those bytes and the
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 ALG = "ed25519"
-TYPES = ("manifest", "cancel", "config")
+TYPES = ("manifest", "cancel", "config", "support")
 
 log = logging.getLogger(__name__)
 _once = Once(log)

@@ -111,6 +111,7 @@ class Session:
         self._stop = asyncio.Event()
         self._connected = asyncio.Event()
         self._publisher: Publisher | None = None
+        self._client: aiomqtt.Client | None = None  # while connected: for `publish_now`
         self._task: asyncio.Task[None] | None = None
         self._once = Once(log)
         self._paho_errors = _PahoErrors()
@@ -137,6 +138,18 @@ class Session:
                 "refused": self.refused, "failed_connects": self.failed_connects,
                 "published_messages": self.stats.messages, "published_samples": self.stats.samples,
                 "received_messages": self.intake.received, "dropped_incoming": self.intake.dropped}
+
+    async def publish_now(self, topic: str, payload: bytes, timeout_s: float = 30.0) -> None:
+        """Publish one QoS 1 message straight away, bypassing the spool (bulk transfers whose
+        sender paces them, e.g. support bundle chunks), and wait for its PUBACK.
+        ConnectionError when not connected or the connection drops; the caller retries."""
+        client = self._client
+        if client is None or not self.connected:
+            raise ConnectionError("not connected to the broker")
+        try:
+            await client.publish(topic, payload, qos=1, timeout=timeout_s)
+        except aiomqtt.MqttError as exc:
+            raise ConnectionError(f"publish failed: {exc}") from exc
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -327,6 +340,7 @@ class Session:
         subscribed: set[str] = set()
         await self._subscribe(client, [self.ping_topic, *self.router.filters], subscribed, timeout_s)
         self._set_connected(True)
+        self._client = client
         publisher = Publisher(self.spool, self.outbox, self.topics, self._config, self.stats)
         self._publisher = publisher
         tasks = [
@@ -346,6 +360,7 @@ class Session:
                 with contextlib.suppress(BaseException):
                     await t
             self._publisher = None
+            self._client = None
         if stop in done:
             await client.publish(self.topics.status, dumps(status_offline("shutdown", time.time())), qos=1,
                                  retain=True, timeout=min(timeout_s, 3.0))
