@@ -27,6 +27,7 @@ pytestmark = pytest.mark.integration
 
 RATE_KBPS = 64.0
 CHUNK_KB = 16.0
+PLANTED_PASSWORD = "hunter2-planted-secret"
 PLANTED = 320 * 1024  # incompressible bytes in the bundle, so the pull lasts a few seconds
 
 
@@ -38,6 +39,8 @@ class Agent:
         raw = make_raw(tmp, pub, broker.port, support={"rate_kbps": RATE_KBPS, "chunk_kb": CHUNK_KB},
                        telemetry={"interval_s": 0.1, "batch_wait_s": 0},
                        agent={"shutdown_timeout_s": 5, "health_interval_s": 0.2})
+        # a planted secret: the broker takes any credentials (anonymous allowed), the bundle must not
+        raw["mqtt"].update(username="dev1", password=PLANTED_PASSWORD)
         self.conf = tmp / "agent.toml"
         self.conf.write_text(config_toml(raw))
         self.log = tmp / "agent.log"
@@ -96,9 +99,10 @@ def job_topics(observer: Observer, job: str) -> list[str]:
 
 def test_a_signed_pull_returns_a_verified_bundle_and_telemetry_keeps_its_rate(
         tmp_path: Path, broker: Broker, agent: Agent, observer: Observer) -> None:
-    planted = tmp_path / "state" / "updates" / "big" / "log.txt"
-    planted.parent.mkdir(parents=True, exist_ok=True)
-    planted.write_bytes(os.urandom(PLANTED))
+    for i in range(5):  # a bundle carries the last 64 KiB of each job's log: five jobs' worth
+        planted = tmp_path / "state" / "updates" / f"big{i}" / "log.txt"
+        planted.parent.mkdir(parents=True, exist_ok=True)
+        planted.write_bytes(os.urandom(PLANTED // 5))
     wait_until(lambda: observer.seqs(), 20, message="telemetry flowing")
     out = tmp_path / "pulled" / "dev1.tar.gz"
     t0 = time.monotonic()
@@ -112,7 +116,12 @@ def test_a_signed_pull_returns_a_verified_bundle_and_telemetry_keeps_its_rate(
     assert sha in done.stdout and f"{len(data)} bytes" in done.stdout
     with tarfile.open(out) as tar:
         names = tar.getnames()
-    assert "updates/big/log.txt" in names
+    assert {f"updates/big{i}/log.tail.txt" for i in range(5)} <= set(names)
+    with tarfile.open(out) as tar:  # no member holds the password or the signing key's bytes
+        contents = [tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()]  # type: ignore[union-attr]
+    secret_key = agent.keyfile.read_bytes().strip()
+    assert not [c for c in contents if PLANTED_PASSWORD.encode() in c or secret_key in c]
+    assert any(b"<redacted>" in c for c in contents), "the password's place says it was redacted"
     job = next(t.split("/")[3] for t, _, _ in observer.messages if t.endswith("/manifest"))
     manifest = observer.on(f"edge/dev1/support/{job}/manifest")[0]
     assert (manifest["size"], manifest["sha256"]) == (len(data), sha)

@@ -115,5 +115,7 @@ def test_status_and_manifest_payloads() -> None:
                  "size": 10}
     with pytest.raises(ValueError):
         rq.status("j1", "exploded")
-    m = rq.manifest("j1", 100_000, "ab", 65536, ["a"], [])
+    m = rq.manifest("j1", 100_000, "ab", 65536, [("a", 10)], [("logs/agent.log", "does not fit")])
     assert m["chunks"] == 2 and m["chunk_size"] == 65536
+    assert m["files"] == [{"name": "a", "size": 10}]
+    assert m["omitted"] == [{"name": "logs/agent.log", "reason": "does not fit"}]
