@@ -176,3 +176,15 @@ def test_agent_runs_unprivileged_and_writes_only_its_state_dir(world: Path, brok
     outside = [p for p in created if not Path(p).is_relative_to(state)]
     assert outside == [], f"files written outside the state dir: {outside}"
     assert str(health_path) in created
+
+    # a technician's support bundle, made as the service user in the same sandbox: it reads the
+    # state dir the agent left and writes only where it is told (the state dir here)
+    bundle = state / "support.tar.gz"
+    cmd = [sys.executable, "-m", "edgeagent.cli", "support", "bundle", "--config", str(config),
+           "-o", str(bundle), "--no-journal"]
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sandbox",
+                        *cmd], env=env, cwd="/", capture_output=True, timeout=120)
+    said = (r.stdout + r.stderr).decode(errors="replace")
+    assert r.returncode == 0, said
+    assert bundle.stat().st_uid == NOBODY and bundle.stat().st_size > 0, said
+    assert "Traceback" not in said and "Permission denied" not in said, said
