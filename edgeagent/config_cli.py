@@ -128,7 +128,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     csub.required = True
     show = csub.add_parser("show", help="the effective config as TOML, each value with its layer")
     show.add_argument("--config", "-c", type=Path, required=True, help="the agent's TOML config file")
-    show.add_argument("--layer", choices=("effective", "defaults", "file", "remote"), default="effective")
+    show.add_argument("--layer", choices=("effective", "defaults", "file", "remote"), default="effective",
+                      help="which layer to show (effective: all merged)")
     show.add_argument("--no-origin", action="store_true", help="leave out the layer comments")
     show.set_defaults(func=cmd_show)
     diff = csub.add_parser("diff", help="what the applied remote layer changes against the file")
