@@ -82,6 +82,7 @@ exit status:
   1    failure: the command ran and something did not work (device, broker, permission)
   2    usage or config error: a bad flag value, a config file that is missing or invalid
   130  interrupted (Ctrl-C)
+  `status` adds 3 (agent not running) and 4 (state unknown): see `edgeagent status --help`
 Errors are one line on stderr; `edgeagent --debug COMMAND ...` shows the traceback.
 
 examples:

@@ -60,6 +60,9 @@ def _load(path: Path) -> EffectiveConfig | None:
     try:
         return load_effective(path)
     except ConfigError as exc:
+        if len(exc.errors) == 1:  # a missing or unreadable file: one line, as every verb says it
+            print(f"{exc.source or path}: {exc.errors[0]}", file=sys.stderr)
+            return None
         print(f"{exc.source or path}: {len(exc.errors)} error(s)", file=sys.stderr)
         for e in exc.errors:
             print(f"  {e}", file=sys.stderr)

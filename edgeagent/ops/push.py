@@ -217,11 +217,15 @@ def key_id_problem(key_id: str) -> str | None:
     return None
 
 
-def _cmd_keygen(args: argparse.Namespace) -> int:
-    problem = key_id_problem(args.key_id)
+def key_id(text: str) -> str:
+    """argparse type of keygen's --key-id."""
+    problem = key_id_problem(text)
     if problem is not None:
-        print(f"keygen: key id {args.key_id!r}: {problem}", file=sys.stderr)
-        return 2
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
     out = Path(args.out_dir)
     if not out.is_dir():  # keygen writes into a directory that exists; it creates none
         print(f"keygen: {out}: not an existing directory", file=sys.stderr)
@@ -367,7 +371,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     kg = sub.add_parser("keygen", help="make an Ed25519 key pair for signing updates")
-    kg.add_argument("--key-id", required=True,
+    kg.add_argument("--key-id", required=True, type=key_id,
                     help="the key's name: 1-64 of A-Z a-z 0-9 . _ - (files KEY_ID.key and KEY_ID.pem)")
     kg.add_argument("--out-dir", "--out", default=".", metavar="DIR",
                     help="existing directory to write the two files into")

@@ -133,7 +133,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_devices(args: argparse.Namespace) -> int:
     from edgeagent.ops.fleet.store import Store
-    from edgeagent.ops.fleet.watch import device_row, select, table
+    from edgeagent.ops.fleet.watch import device_row, print_table, select, table
 
     th = _thresholds(args)
     with Store(args.db, readonly=True) as store:
@@ -143,9 +143,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
         json.dump(rows, sys.stdout, indent=1)
         print()
     else:
-        from rich.console import Console
-
-        Console().print(table(rows))
+        print_table(table(rows), sys.stdout)
     return 0
 
 
@@ -165,10 +163,10 @@ def cmd_history(args: argparse.Namespace) -> int:
         json.dump(out, sys.stdout, indent=1)
         print()
         return 0
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from edgeagent.ops.fleet.watch import print_table
+
     t = Table(title=f"{args.device}: last {len(out['samples'])} samples")
     cols = ("seq", "ts", "cpu_percent", "mem_used_percent", "temp_c", "p95_ms", "anomaly_rate_1m",
             "spool_backlog")
@@ -177,12 +175,12 @@ def cmd_history(args: argparse.Namespace) -> int:
     for s in out["samples"]:
         t.add_row(*[time.strftime("%H:%M:%S", time.localtime(s[c])) if c == "ts" else
                     ("-" if s[c] is None else f"{s[c]:g}") for c in cols])
-    console.print(t)
+    print_table(t, sys.stdout)
     for e in out["events"]:
-        console.print(f"event #{e['seq']} {time.strftime('%H:%M:%S', time.localtime(e['ts']))} "
+        print(f"event #{e['seq']} {time.strftime('%H:%M:%S', time.localtime(e['ts']))} "
                       f"{e['kind']}/{e['severity']}: {e['message']}")
     for j in out["jobs"]:
-        console.print(f"job {j['job']}: {j['state']} {100 * j['progress']:.0f}% {j['reason']}")
+        print(f"job {j['job']}: {j['state']} {100 * j['progress']:.0f}% {j['reason']}")
     return 0
 
 
