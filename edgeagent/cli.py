@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
+import select
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -18,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeagent import __version__
-from edgeagent.core.errors import ConfigError
+from edgeagent.core.cli_args import LOG_LEVEL_HELP, log_level
+from edgeagent.core.errors import ConfigError, EdgeAgentError
 
 if TYPE_CHECKING:  # the runtime is imported lazily, per command
     from edgeagent.core.config_layers import EffectiveConfig
@@ -71,22 +74,62 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 CORE_COMMANDS = ("run", "check-config")
 
+# exit statuses every verb keeps (the `--help` epilog says the same)
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EPILOG = """\
+exit status:
+  0    success (also when a reader such as `head` closes the output early)
+  1    failure: the command ran and something did not work (device, broker, permission)
+  2    usage or config error: a bad flag value, a config file that is missing or invalid
+  130  interrupted (Ctrl-C)
+  `status` adds 3 (agent not running) and 4 (state unknown): see `edgeagent status --help`
+Errors are one line on stderr; `edgeagent --debug COMMAND ...` shows the traceback.
+
+examples:
+  edgeagent check-config /etc/edgeagent/config.toml
+  edgeagent run --config /etc/edgeagent/config.toml
+  edgeagent status --json
+  edgeagent COMMAND --help
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout and shows each flag's default (unless it has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if ("%(default)" not in text and "default" not in text and action.option_strings
+                and action.default not in (None, False, [], argparse.SUPPRESS)):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _use_formatter(parser: argparse.ArgumentParser) -> None:
+    """Every parser and subparser (the plugins' too) formats its help the same way."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _use_formatter(child)
+
 
 def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="edgeagent", description="The edge agent (run it, check it) and the operator tools around it.")
+        prog="edgeagent", description="The edge agent (run it, check it) and the operator tools around it.",
+        epilog=EPILOG)
     p.add_argument("--version", action="version", version=f"edgeagent {__version__}")
+    p.add_argument("--debug", action="store_true", help="on an error, show the Python traceback too")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     run = sub.add_parser("run", help="run the agent (as the systemd service does)")
     run.add_argument("--config", "-c", type=Path, required=True, help="TOML config file")
-    run.add_argument("--log-level", help="override logging.level")
+    run.add_argument("--log-level", type=log_level, help=f"override logging.level; {LOG_LEVEL_HELP}")
     run.set_defaults(func=_cmd_run)
 
     chk = sub.add_parser("check-config", help="validate a config file: exit 0 and a summary, or 2 "
                                               "and every error with its key path")
-    chk.add_argument("file", type=Path)
+    chk.add_argument("file", type=Path, help="the TOML config file")
     chk.set_defaults(func=_cmd_check_config)
 
     if plugins:
@@ -94,17 +137,64 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
             importlib.import_module(name).add_parsers(sub)
         for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             ep.load()(sub)
+    _use_formatter(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # the daemon does not pay (in RSS and start time) for the operator tools' imports
-    args = build_parser(plugins=not argv or argv[0] not in CORE_COMMANDS).parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(plugins=command not in CORE_COMMANDS).parse_args(argv)
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not at exit where nothing could catch it
+        return status
     except KeyboardInterrupt:
-        return 130
+        return _fail(args, "interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError as exc:
+        if _stdout_closed():
+            # the reader stopped reading (`| head`): as the Python docs advise, point stdout at
+            # devnull so the flush at exit does not fail again, and end quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_OK
+        return _fail(args, _os_message(exc), EXIT_FAILURE)
+    except ConfigError as exc:
+        return _fail(args, str(exc), EXIT_USAGE)
+    except EdgeAgentError as exc:
+        return _fail(args, str(exc), EXIT_FAILURE)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        return _fail(args, _os_message(exc), EXIT_USAGE)
+    except OSError as exc:  # permission denied, connection refused, disk full ...
+        return _fail(args, _os_message(exc), EXIT_FAILURE)
+
+
+def _fail(args: argparse.Namespace, message: str, status: int) -> int:
+    """One line on stderr (the traceback too with --debug) and the documented exit status."""
+    if getattr(args, "debug", False):
+        import traceback
+
+        traceback.print_exc()
+    command = getattr(args, "command", None)
+    where = f"edgeagent {command}" if command else "edgeagent"
+    first = message.strip().splitlines()[0] if message.strip() else "error"
+    print(f"{where}: {first}", file=sys.stderr)
+    return status
+
+
+def _os_message(exc: OSError) -> str:
+    what = exc.strerror or str(exc) or type(exc).__name__
+    return f"{exc.filename}: {what}" if exc.filename is not None else what
+
+
+def _stdout_closed() -> bool:
+    """True when stdout is a pipe whose reader has gone (poll reports an error on the write end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 if __name__ == "__main__":

@@ -60,6 +60,9 @@ def _load(path: Path) -> EffectiveConfig | None:
     try:
         return load_effective(path)
     except ConfigError as exc:
+        if len(exc.errors) == 1:  # a missing or unreadable file: one line, as every verb says it
+            print(f"{exc.source or path}: {exc.errors[0]}", file=sys.stderr)
+            return None
         print(f"{exc.source or path}: {len(exc.errors)} error(s)", file=sys.stderr)
         for e in exc.errors:
             print(f"  {e}", file=sys.stderr)
@@ -128,7 +131,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     csub.required = True
     show = csub.add_parser("show", help="the effective config as TOML, each value with its layer")
     show.add_argument("--config", "-c", type=Path, required=True, help="the agent's TOML config file")
-    show.add_argument("--layer", choices=("effective", "defaults", "file", "remote"), default="effective")
+    show.add_argument("--layer", choices=("effective", "defaults", "file", "remote"), default="effective",
+                      help="which layer to show (effective: all merged)")
     show.add_argument("--no-origin", action="store_true", help="leave out the layer comments")
     show.set_defaults(func=cmd_show)
     diff = csub.add_parser("diff", help="what the applied remote layer changes against the file")

@@ -23,7 +23,7 @@ DEFAULT_INTERVAL_S = 5.0
 STALE_AFTER_INTERVALS = 3
 FINAL_JOB_STATES = frozenset({"rejected", "succeeded", "failed", "rolled_back", "cancelled"})
 
-EXIT_OK, EXIT_UNHEALTHY, EXIT_NOT_RUNNING, EXIT_UNKNOWN = 0, 1, 3, 4
+EXIT_OK, EXIT_UNHEALTHY, EXIT_CONFIG, EXIT_NOT_RUNNING, EXIT_UNKNOWN = 0, 1, 2, 3, 4
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -194,7 +194,7 @@ def main(args: argparse.Namespace) -> int:
         state_dir = resolve_state_dir(args)
     except ConfigError as exc:
         print(f"edgeagent status: {exc}", file=sys.stderr)
-        return EXIT_UNKNOWN
+        return EXIT_CONFIG
     path = state_dir / HEALTH_FILE
     try:
         health = json.loads(path.read_bytes())
@@ -224,7 +224,8 @@ def main(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     """Register `status` on the CLI's subparsers (an argparse._SubParsersAction)."""
     p = sub.add_parser("status", help="health, versions, pending jobs and spool backlog of the local agent; "
-                                      "exit 0 healthy, 1 unhealthy, 3 not running, 4 unknown")
+                                      "exit 0 healthy, 1 unhealthy, 2 config error, 3 not running, "
+                                      "4 unknown")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG,
                        help=f"agent config, for device.state_dir (default {DEFAULT_CONFIG})")

@@ -173,5 +173,5 @@ def test_command_unknown_states(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "cannot read" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"
     bad.write_text("[device]\ncolour = 1\n")
-    assert run_status("--config", str(bad)) == status.EXIT_UNKNOWN
+    assert run_status("--config", str(bad)) == status.EXIT_CONFIG
     assert "colour" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from edgeagent.core.cli_args import positive_int
 from edgeagent.monitor.sampler import Sampler
 
 
@@ -31,5 +32,5 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("metrics", help="print what the monitor sees on this board (JSON lines)")
     p.add_argument("--config", "-c", type=Path, help="TOML config (default: built-in defaults)")
-    p.add_argument("--count", "-n", type=int, default=1, help="samples to print (default 1)")
+    p.add_argument("--count", "-n", type=positive_int, default=1, help="samples to print (default 1)")
     p.set_defaults(func=_cmd_metrics)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeagent.core.cli_args import positive_int
 from edgeagent.core.errors import ModelLoadError, RuntimeUnavailable
 from edgeagent.inference.runner import STATS_WINDOW, ModelSlot, Result, Runner
 from edgeagent.inference.runtime import LoadedModel, load_interpreter
@@ -154,9 +155,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p = sub.add_parser("bench-model", help="latency of any .tflite model through the agent's runner vs "
                                            "a bare interpreter loop (random inputs)")
     p.add_argument("model", type=Path, help="a .tflite file")
-    p.add_argument("--runtime", default="auto", choices=("auto", "tflite-runtime", "litert"))
-    p.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
-    p.add_argument("--count", type=int, default=2000, help="inferences per side (default 2000)")
-    p.add_argument("--rounds", type=int, default=4, help="alternating rounds (default 4)")
+    p.add_argument("--runtime", default="auto", choices=("auto", "tflite-runtime", "litert"),
+                   help="TFLite runtime to load the model with (default auto)")
+    p.add_argument("--threads", type=positive_int, default=1, help="interpreter threads (default 1)")
+    p.add_argument("--count", type=positive_int, default=2000, help="inferences per side (default 2000)")
+    p.add_argument("--rounds", type=positive_int, default=4, help="alternating rounds (default 4)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd)

@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent.core import protocol, signing
+from edgeagent.core.cli_args import positive_duration, positive_int
 from edgeagent.core.errors import ConfigError, EdgeAgentError
 from edgeagent.core.units import parse_duration_s
 from edgeagent.updates.manifest import MAX_CHUNKS, MIN_CHUNK_SIZE
@@ -202,8 +204,32 @@ class Pusher:
 # ----------------------------------------------------------------------------- commands
 
 
+KEY_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def key_id_problem(key_id: str) -> str | None:
+    """Why a key id cannot name the key files (None when it can): it becomes part of a file name
+    under --out-dir, so no separators, no `..`, nothing a shell or a TOML key would need to quote."""
+    if not KEY_ID_RE.fullmatch(key_id):
+        return "expected 1-64 characters of A-Z a-z 0-9 . _ -"
+    if key_id in (".", "..") or ".." in key_id:
+        return "must not contain '..'"
+    return None
+
+
+def key_id(text: str) -> str:
+    """argparse type of keygen's --key-id."""
+    problem = key_id_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     out = Path(args.out_dir)
+    if not out.is_dir():  # keygen writes into a directory that exists; it creates none
+        print(f"keygen: {out}: not an existing directory", file=sys.stderr)
+        return 2
     priv, pub = out / f"{args.key_id}.key", out / f"{args.key_id}.pem"
     if priv.exists() and not args.force:
         print(f"{priv} exists (use --force to overwrite)", file=sys.stderr)
@@ -220,6 +246,26 @@ def _load_key(args: argparse.Namespace) -> Any:
     except (OSError, ConfigError) as exc:
         print(f"cannot load key {args.key}: {exc}", file=sys.stderr)
         return None
+
+
+def desired_config_errors(doc: dict[str, Any]) -> list[str]:
+    """What a device would refuse in a desired config before applying it, with key paths: the
+    remote layer's own rules (local-only keys, TOML-writable values) and the schema, checked on the
+    layer merged over the defaults (the device's file may set more; it cannot make a bad value good)."""
+    from edgeagent.core import config as cfgmod
+    from edgeagent.core.config_layers import check_remote_layer
+
+    partial = doc.get("config")
+    if not isinstance(partial, dict):
+        return [f"config: expected an object, got {type(partial).__name__}"]
+    errors = check_remote_layer(partial)
+    if not errors:
+        try:
+            cfgmod.build(partial, env={})
+        except ConfigError as exc:
+            errors = exc.errors
+    return [e if e.startswith("config") else f"config.{e}" for e in errors]
+    return []
 
 
 def _cmd_sign(args: argparse.Namespace) -> int:
@@ -244,6 +290,13 @@ def _cmd_sign(args: argparse.Namespace) -> int:
         print(f"the message {what}: devices refuse it; add one or pass --type "
               f"({'|'.join(signing.TYPES)})", file=sys.stderr)
         return 2
+    if doc["type"] == "config":
+        errors = desired_config_errors(doc)
+        if errors:
+            print(f"not signed: {args.file}: {len(errors)} error(s) a device would refuse:", file=sys.stderr)
+            for e in errors:
+                print(f"  {e}", file=sys.stderr)
+            return 2
     try:
         signed = signing.sign(doc, key, args.key_id)
     except ValueError as exc:  # a number or string RFC 8785 cannot express exactly
@@ -318,17 +371,20 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     kg = sub.add_parser("keygen", help="make an Ed25519 key pair for signing updates")
-    kg.add_argument("--key-id", required=True)
-    kg.add_argument("--out-dir", default=".")
-    kg.add_argument("--force", action="store_true")
+    kg.add_argument("--key-id", required=True, type=key_id,
+                    help="the key's name: 1-64 of A-Z a-z 0-9 . _ - (files KEY_ID.key and KEY_ID.pem)")
+    kg.add_argument("--out-dir", "--out", default=".", metavar="DIR",
+                    help="existing directory to write the two files into")
+    kg.add_argument("--force", action="store_true", help="overwrite an existing key of that id")
     kg.set_defaults(func=_cmd_keygen)
 
     sg = sub.add_parser("sign", help="sign a JSON message (manifest, cancel, desired config)")
     sg.add_argument("--key", required=True, help="PEM private key")
-    sg.add_argument("--key-id", required=True)
+    sg.add_argument("--key-id", required=True, help="the id devices know the public key by")
     sg.add_argument("--type", choices=signing.TYPES,
                     help="the message's purpose, signed with it (required when the JSON has no \"type\"); "
-                         "a device refuses a message whose type does not fit the topic")
+                         "a device refuses a message whose type does not fit the topic; a desired config "
+                         "is checked against the schema before signing")
     sg.add_argument("file", help="JSON file, or - for stdin")
     sg.set_defaults(func=_cmd_sign)
 
@@ -336,24 +392,31 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     target = ps.add_mutually_exclusive_group(required=True)
     target.add_argument("--device", help="the one device it is for (signed as targets.devices)")
     target.add_argument("--group", help="the group it is for (signed as targets.groups)")
-    ps.add_argument("--kind", choices=("model", "firmware"), required=True)
-    ps.add_argument("--name", required=True)
-    ps.add_argument("--version", required=True)
+    ps.add_argument("--kind", choices=("model", "firmware"), required=True, help="what the file is")
+    ps.add_argument("--name", required=True, help="the model's or firmware's name")
+    ps.add_argument("--version", required=True, help="its version (devices refuse a downgrade)")
     ps.add_argument("--key", required=True, help="PEM private key")
-    ps.add_argument("--key-id", required=True)
-    ps.add_argument("--broker", default=os.environ.get("EDGEAGENT_BROKER", "mqtt://127.0.0.1:1883"))
-    ps.add_argument("--ca-file")
-    ps.add_argument("--cert-file")
-    ps.add_argument("--key-file")
-    ps.add_argument("--prefix", default="edge")
+    ps.add_argument("--key-id", required=True, help="the id devices know the public key by")
+    ps.add_argument("--broker", default=os.environ.get("EDGEAGENT_BROKER", "mqtt://127.0.0.1:1883"),
+                    metavar="URL", help="mqtt:// or mqtts:// URL ($EDGEAGENT_BROKER)")
+    ps.add_argument("--ca-file", help="CA bundle for mqtts://")
+    ps.add_argument("--cert-file", help="client certificate for mqtts://")
+    ps.add_argument("--key-file", help="client key for mqtts://")
+    ps.add_argument("--prefix", default="edge", help="topic prefix (config mqtt.topic_prefix)")
     ps.add_argument("--job", help="job id (default: name-version-random)")
-    ps.add_argument("--chunk-kb", type=int, default=DEFAULT_CHUNK // 1024)
-    ps.add_argument("--expires-in", default="1d")
-    ps.add_argument("--timeout", default="1h", help="give up following the status after this long")
-    ps.add_argument("--expect", type=int, default=1, help="devices that must finish (for --group)")
-    ps.add_argument("--arch", action="append", default=[])
-    ps.add_argument("--hardware", action="append", default=[])
-    ps.add_argument("--min-agent")
-    ps.add_argument("--critical", action="store_true")
-    ps.add_argument("file", type=Path)
+    ps.add_argument("--chunk-kb", type=positive_int, default=DEFAULT_CHUNK // 1024, help="chunk size in KiB")
+    ps.add_argument("--expires-in", type=positive_duration, default="1d",
+                    help="how long the signed manifest is valid (30s, 5m, 1h, 1d)")
+    ps.add_argument("--timeout", type=positive_duration, default="1h",
+                    help="give up following the status after this long")
+    ps.add_argument("--expect", type=positive_int, default=1, help="devices that must finish (for --group)")
+    ps.add_argument("--arch", action="append", default=[],
+                    help="only devices of this CPU architecture (repeat for more)")
+    ps.add_argument("--hardware", action="append", default=[],
+                    help="only devices of this hardware (repeat for more)")
+    ps.add_argument("--min-agent", metavar="VERSION",
+                    help="only devices whose agent is at least this version")
+    ps.add_argument("--critical", action="store_true",
+                    help="skip the gates the device lists as skippable (updates.gates.skippable)")
+    ps.add_argument("file", type=Path, help="the .tflite model or firmware file")
     ps.set_defaults(func=_cmd_push)

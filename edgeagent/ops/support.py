@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent.core import protocol, signing
+from edgeagent.core.cli_args import positive_duration, positive_int
 from edgeagent.core.errors import ConfigError, EdgeAgentError
 from edgeagent.core.units import parse_duration_s
 
@@ -324,13 +325,15 @@ def _support_subcommands(sub: argparse._SubParsersAction[Any]) -> argparse._SubP
 
 def _broker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", required=True, help="PEM private key")
-    p.add_argument("--key-id", required=True)
-    p.add_argument("--broker", default=os.environ.get("EDGEAGENT_BROKER", "mqtt://127.0.0.1:1883"))
-    p.add_argument("--ca-file")
-    p.add_argument("--cert-file")
-    p.add_argument("--key-file")
-    p.add_argument("--prefix", default="edge")
-    p.add_argument("--timeout", default="2m", help="give up after this long without a word from the device")
+    p.add_argument("--key-id", required=True, help="the id devices know the public key by")
+    p.add_argument("--broker", default=os.environ.get("EDGEAGENT_BROKER", "mqtt://127.0.0.1:1883"),
+                   metavar="URL", help="mqtt:// or mqtts:// URL ($EDGEAGENT_BROKER)")
+    p.add_argument("--ca-file", help="CA bundle for mqtts://")
+    p.add_argument("--cert-file", help="client certificate for mqtts://")
+    p.add_argument("--key-file", help="client key for mqtts://")
+    p.add_argument("--prefix", default="edge", help="topic prefix (config mqtt.topic_prefix)")
+    p.add_argument("--timeout", type=positive_duration, default="2m",
+                   help="give up after this long without a word from the device (30s, 5m, 1h)")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -340,15 +343,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     target.add_argument("--device", help="the device to pull from (signed as targets.devices)")
     target.add_argument("--group", help="pull from each of --devices (signed for the group) into a folder")
     pl.add_argument("--devices", help="comma-separated device ids of the group")
-    pl.add_argument("--lines", type=int, help=f"recent log lines to include (default {DEFAULT_LINES})")
+    pl.add_argument("--lines", type=positive_int,
+                    help=f"recent log lines to include (default {DEFAULT_LINES})")
     pl.add_argument("-o", "--output", help="file (one device) or folder (--group) to write")
-    pl.add_argument("--expires-in", default="10m", help="how long the signed request is valid")
+    pl.add_argument("--expires-in", type=positive_duration, default="10m",
+                    help="how long the signed request is valid")
     _broker_args(pl)
     pl.set_defaults(func=_cmd_pull)
 
     ll = inner.add_parser("log-level", help="raise a device's log level for a while (signed request)")
-    ll.add_argument("--device", required=True)
-    ll.add_argument("--level", required=True, type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    ll.add_argument("--for", dest="duration", default="10m", help="how long (the device caps it)")
+    ll.add_argument("--device", required=True, help="the device to ask")
+    ll.add_argument("--level", required=True, type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                    help="the log level to set (any case)")
+    ll.add_argument("--for", dest="duration", type=positive_duration, default="10m",
+                    help="how long (the device caps it)")
     _broker_args(ll)
     ll.set_defaults(func=_cmd_log_level)

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeagent.core.cli_args import positive_int
+
 DEFAULT_CONFIG = Path("/etc/edgeagent/config.toml")
 MB = 1024 * 1024
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -67,7 +69,7 @@ def add_parsers(sub: Any) -> None:
                    help=f"the agent's config file (default {DEFAULT_CONFIG})")
     b.add_argument("-o", "--output", type=Path,
                    help="the bundle to write (default ./edgeagent-support-<device>-<time>.tar.gz)")
-    b.add_argument("--lines", type=int, default=2000, metavar="N",
+    b.add_argument("--lines", type=positive_int, default=2000, metavar="N",
                    help="log lines to include at most (journald's, offline; default 2000)")
     b.add_argument("--no-journal", action="store_true", help="leave out journalctl's last hour")
     b.set_defaults(func=_cmd_bundle)

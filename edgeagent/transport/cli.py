@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeagent.core.cli_args import positive_int
 from edgeagent.core.errors import ConfigError
 from edgeagent.transport.component import SPOOL_FILE
 
@@ -99,5 +100,5 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("spool_cmd", choices=("stats", "peek"), help="stats: counts and seq; peek: oldest rows")
     p.add_argument("--config", "-c", type=Path, help="agent TOML config (its device.state_dir)")
     p.add_argument("--file", "-f", type=Path, help="a spool.sqlite file instead of --config")
-    p.add_argument("--count", "-n", type=int, default=5, help="rows for peek (default 5)")
+    p.add_argument("--count", "-n", type=positive_int, default=5, help="rows for peek (default 5)")
     p.set_defaults(func=_cmd)

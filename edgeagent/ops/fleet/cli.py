@@ -16,6 +16,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edgeagent.core.cli_args import (
+    LOG_LEVEL_HELP,
+    log_level,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 from edgeagent.core.errors import EdgeAgentError
 from edgeagent.ops.fleet.state import Thresholds
 
@@ -32,12 +41,12 @@ def _broker_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def _threshold_args(p: argparse.ArgumentParser) -> None:
     d = Thresholds()
-    p.add_argument("--stale-intervals", type=float, default=d.stale_intervals,
+    p.add_argument("--stale-intervals", type=positive_float, default=d.stale_intervals,
                    help="online but silent this many telemetry intervals -> stale (default %(default)s)")
-    p.add_argument("--interval-s", type=float, default=d.default_interval_s,
+    p.add_argument("--interval-s", type=positive_float, default=d.default_interval_s,
                    help="telemetry interval assumed until one is observed (default %(default)s)")
     p.add_argument("--hot-c", type=float, default=d.hot_c, help="hot at or above (default %(default)s)")
-    p.add_argument("--stuck-update-s", type=float, default=d.stuck_update_s,
+    p.add_argument("--stuck-update-s", type=positive_float, default=d.stuck_update_s,
                    help="a running update job unchanged this long is stuck (default %(default)s)")
 
 
@@ -124,7 +133,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_devices(args: argparse.Namespace) -> int:
     from edgeagent.ops.fleet.store import Store
-    from edgeagent.ops.fleet.watch import device_row, select, table
+    from edgeagent.ops.fleet.watch import device_row, print_table, select, table
 
     th = _thresholds(args)
     with Store(args.db, readonly=True) as store:
@@ -134,9 +143,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
         json.dump(rows, sys.stdout, indent=1)
         print()
     else:
-        from rich.console import Console
-
-        Console().print(table(rows))
+        print_table(table(rows), sys.stdout)
     return 0
 
 
@@ -156,10 +163,10 @@ def cmd_history(args: argparse.Namespace) -> int:
         json.dump(out, sys.stdout, indent=1)
         print()
         return 0
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from edgeagent.ops.fleet.watch import print_table
+
     t = Table(title=f"{args.device}: last {len(out['samples'])} samples")
     cols = ("seq", "ts", "cpu_percent", "mem_used_percent", "temp_c", "p95_ms", "anomaly_rate_1m",
             "spool_backlog")
@@ -168,12 +175,12 @@ def cmd_history(args: argparse.Namespace) -> int:
     for s in out["samples"]:
         t.add_row(*[time.strftime("%H:%M:%S", time.localtime(s[c])) if c == "ts" else
                     ("-" if s[c] is None else f"{s[c]:g}") for c in cols])
-    console.print(t)
+    print_table(t, sys.stdout)
     for e in out["events"]:
-        console.print(f"event #{e['seq']} {time.strftime('%H:%M:%S', time.localtime(e['ts']))} "
+        print(f"event #{e['seq']} {time.strftime('%H:%M:%S', time.localtime(e['ts']))} "
                       f"{e['kind']}/{e['severity']}: {e['message']}")
     for j in out["jobs"]:
-        console.print(f"job {j['job']}: {j['state']} {100 * j['progress']:.0f}% {j['reason']}")
+        print(f"job {j['job']}: {j['state']} {100 * j['progress']:.0f}% {j['reason']}")
     return 0
 
 
@@ -236,14 +243,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    help="do not count seq gaps: use when several collectors share one group (each then "
                         "sees only part of every device's stream)")
     c.add_argument("--client-id", help="fixed MQTT client id (with --session-expiry-s: a persistent session)")
-    c.add_argument("--session-expiry-s", type=int, default=0,
-                   help="keep the session this long while away, the broker queues QoS 1 messages")
-    c.add_argument("--keepalive-s", type=int, default=30)
-    c.add_argument("--retention-h", type=float, default=24.0, help="history kept (%(default)s h)")
-    c.add_argument("--queue-max", type=int, default=200_000,
+    c.add_argument("--session-expiry-s", type=non_negative_int, default=0,
+                   help="keep the session this long while away, the broker queues QoS 1 messages "
+                        "(0: no persistent session)")
+    c.add_argument("--keepalive-s", type=positive_int, default=30, help="MQTT keepalive in seconds")
+    c.add_argument("--retention-h", type=positive_float, default=24.0, help="history kept (%(default)s h)")
+    c.add_argument("--queue-max", type=positive_int, default=200_000,
                    help="history rows buffered for the writer; when full the oldest are dropped and counted")
-    c.add_argument("--report-s", type=float, default=10.0, help="health line to stderr every N s")
-    c.add_argument("--log-level", default="INFO")
+    c.add_argument("--report-s", type=positive_float, default=10.0, help="health line to stderr every N s")
+    c.add_argument("--log-level", type=log_level, default="INFO", help=LOG_LEVEL_HELP)
     _threshold_args(c)
     c.set_defaults(func=cmd_collect)
 
@@ -251,29 +259,34 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     _broker_args(w, required=False)
     _db_arg(w)
     w.add_argument("--group", help="only devices in this group")
-    w.add_argument("--state", choices=["online", "offline", "stale", "updating", "trouble", "ok"])
+    w.add_argument("--state", choices=["online", "offline", "stale", "updating", "trouble", "ok"],
+                   help="only devices in this state")
     w.add_argument("--once", action="store_true", help="print once and exit")
     w.add_argument("--json", action="store_true", help="with --once: JSON for scripts")
-    w.add_argument("--refresh-s", type=float, default=1.0)
-    w.add_argument("--settle-s", type=float, default=3.0, help="with --broker: listen this long first")
-    w.add_argument("--limit", type=int, default=0, help="at most N rows (default: fit the terminal)")
+    w.add_argument("--refresh-s", type=positive_float, default=1.0, help="redraw the table every N s")
+    w.add_argument("--settle-s", type=non_negative_float, default=3.0,
+                   help="with --broker: listen this long first")
+    w.add_argument("--limit", type=non_negative_int, default=0,
+                   help="at most N rows (default: fit the terminal)")
     _threshold_args(w)
     w.set_defaults(func=cmd_watch)
 
     d = fsub.add_parser("devices", help="devices known to the collector's database")
     _db_arg(d)
-    d.add_argument("--group")
-    d.add_argument("--state", choices=["online", "offline", "stale", "updating", "trouble", "ok"])
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--group", help="only devices in this group")
+    d.add_argument("--state", choices=["online", "offline", "stale", "updating", "trouble", "ok"],
+                   help="only devices in this state")
+    d.add_argument("--json", action="store_true", help="JSON for scripts")
     _threshold_args(d)
     d.set_defaults(func=cmd_devices)
 
     h = fsub.add_parser("history", help="one device's recent samples, events and update jobs")
-    h.add_argument("device")
+    h.add_argument("device", help="the device id")
     _db_arg(h)
-    h.add_argument("--since-s", type=float, default=3600.0, help="look back this far (%(default)s s)")
-    h.add_argument("--limit", type=int, default=100)
-    h.add_argument("--json", action="store_true")
+    h.add_argument("--since-s", type=positive_float, default=3600.0,
+                   help="look back this far (%(default)s s)")
+    h.add_argument("--limit", type=positive_int, default=100, help="at most N samples, events and jobs")
+    h.add_argument("--json", action="store_true", help="JSON for scripts")
     h.set_defaults(func=cmd_history)
 
     s = sub.add_parser(
@@ -286,31 +299,36 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                     "Roles by index: the first COUNT devices take the --outage, the next --hot run hot, "
                     "the last --updates run an update job (the last --stuck-updates of them stall).")
     _broker_args(s)
-    s.add_argument("--devices", type=int, default=10)
+    s.add_argument("--devices", type=positive_int, default=10, help="how many virtual devices")
     s.add_argument("--id-prefix", default="sim-", help="device ids are PREFIX0000, PREFIX0001, ...")
-    s.add_argument("--interval-s", type=float, default=1.0, help="seconds between samples per device")
-    s.add_argument("--duration-s", type=float, help="stop after this long")
-    s.add_argument("--count", type=int, help="stop after N samples per device")
+    s.add_argument("--interval-s", type=positive_float, default=1.0,
+                   help="seconds between samples per device")
+    s.add_argument("--duration-s", type=positive_float, help="stop after this long (default: until Ctrl-C)")
+    s.add_argument("--count", type=positive_int, help="stop after N samples per device")
     conn = s.add_mutually_exclusive_group()
     conn.add_argument("--per-device-connections", dest="per_device_connections", action="store_true",
                       default=None, help="one MQTT client (and last will) per device")
     conn.add_argument("--pooled", dest="per_device_connections", action="store_false",
                       help="devices share a pool of clients")
-    s.add_argument("--pool-size", type=int, default=0)
-    s.add_argument("--keepalive-s", type=int, default=30)
-    s.add_argument("--anomaly-rate", type=float, default=0.0, help="probability of an anomaly per sample")
+    s.add_argument("--pool-size", type=non_negative_int, default=0,
+                   help="clients in the pool (0: one per 200 devices, at most 8)")
+    s.add_argument("--keepalive-s", type=positive_int, default=30, help="MQTT keepalive in seconds")
+    s.add_argument("--anomaly-rate", type=probability, default=0.0,
+                   help="probability of an anomaly per sample")
     s.add_argument("--outage", metavar="AT_S:DURATION_S[:COUNT]",
                    help="the first COUNT devices go silent (a clean disconnect, no last will) and spool, "
                         "then reconnect and send the backlog: late but complete")
-    s.add_argument("--drop-every", type=int, default=0, metavar="K",
+    s.add_argument("--drop-every", type=non_negative_int, default=0, metavar="K",
                    help="skip every K-th sample (its seq is used): deliberate gaps")
-    s.add_argument("--hot", type=int, default=0, help="N devices run hot")
-    s.add_argument("--updates", type=int, default=0, help="N devices run a model update job")
-    s.add_argument("--stuck-updates", type=int, default=0, help="of which N stall in downloading")
-    s.add_argument("--update-duration-s", type=float, default=20.0)
+    s.add_argument("--hot", type=non_negative_int, default=0, help="N devices run hot")
+    s.add_argument("--updates", type=non_negative_int, default=0, help="N devices run a model update job")
+    s.add_argument("--stuck-updates", type=non_negative_int, default=0,
+                   help="of which N stall in downloading")
+    s.add_argument("--update-duration-s", type=positive_float, default=20.0,
+                   help="how long a simulated update job takes")
     s.add_argument("--groups", default="sim", help="comma-separated groups announced in the status")
-    s.add_argument("--seed", type=int, default=1)
-    s.add_argument("--log-level", default="WARNING")
+    s.add_argument("--seed", type=int, default=1, help="random seed (same seed, same run)")
+    s.add_argument("--log-level", type=log_level, default="WARNING", help=LOG_LEVEL_HELP)
     s.set_defaults(func=cmd_simulate)
 
 

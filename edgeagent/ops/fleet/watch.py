@@ -143,12 +143,20 @@ def watch(source: Callable[[], list[dict[str, Any]]], th: Thresholds, group: str
             out.write("\n")
         else:
             shown = rows[:limit] if limit else rows
-            Console(file=out, width=_width(out)).print(table(shown, title=_title(summary(rows))))
+            print_table(table(shown, title=_title(summary(rows))), out)
         return 0
     from rich.live import Live
 
     stop = stop or threading.Event()
-    console = Console(file=out, width=_width(out))
+    if not out.isatty():  # a pipe or a file: one plain table per refresh, never redrawn in place
+        while True:
+            rows, _ = view()
+            print_table(table(rows[:limit] if limit else rows, _title(summary(rows))), out)
+            out.write("\n")
+            out.flush()
+            if stop.wait(refresh_s):
+                return 0
+    console = Console(file=out)
     rows, _ = view()
     with Live(table(rows, _title(summary(rows))), console=console, auto_refresh=False,
               screen=False) as live:
@@ -159,9 +167,32 @@ def watch(source: Callable[[], list[dict[str, Any]]], th: Thresholds, group: str
     return 0
 
 
-def _width(out: TextIO) -> int | None:
-    """The terminal's width, or wide enough for every column when writing to a pipe or file."""
-    return None if out.isatty() else 200
+def print_table(t: Table, out: TextIO) -> None:
+    """A rich table on a terminal; on a pipe or into a file, plain text at full width (rich would
+    cut it to the 80 columns it assumes without a terminal)."""
+    if out.isatty():
+        Console(file=out).print(t)
+    else:
+        out.write(plain_table(t))
+
+
+def plain_table(t: Table) -> str:
+    """The table as space-aligned columns, no styles, no truncation: what `grep` and `awk` want."""
+    headers = [_plain(c.header) for c in t.columns]
+    cells = [[_plain(x) for x in c.cells] for c in t.columns]
+    rows = [headers, *([col[i] for col in cells] for i in range(t.row_count))]
+    widths = [max(len(r[j]) for r in rows) for j in range(len(headers))]
+    lines = [_plain(t.title)] if t.title else []
+    for r in rows:
+        parts = [x.rjust(w) if t.columns[j].justify == "right" else x.ljust(w)
+                 for j, (x, w) in enumerate(zip(r, widths, strict=True))]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def _plain(v: object) -> str:
+    text = v.plain if isinstance(v, Text) else ("" if v is None else str(v))
+    return " ".join(text.split())  # one line per row, whatever a cell holds
 
 
 def _title(s: dict[str, int]) -> str:
