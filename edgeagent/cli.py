@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from edgeagent import __version__
 from edgeagent.core.cli_args import LOG_LEVEL_HELP, log_level
+from edgeagent.core.config_path import add_config_argument, resolve_config
 from edgeagent.core.errors import ConfigError, EdgeAgentError
 
 if TYPE_CHECKING:  # the runtime is imported lazily, per command
@@ -36,14 +37,14 @@ ENTRY_POINT_GROUP = "edgeagent.commands"
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from edgeagent.core import config as cfgmod
 
+    path = resolve_config(args.file or args.config, "check-config")
+    if path is None:
+        return EXIT_USAGE
     try:
-        cfg = cfgmod.load(args.file)
+        cfg = cfgmod.load(path)
     except ConfigError as exc:
-        print(f"{exc.source or args.file}: {len(exc.errors)} error(s)", file=sys.stderr)
-        for e in exc.errors:
-            print(f"  {e}", file=sys.stderr)
-        return 2
-    print(f"{args.file}: OK")
+        return _config_errors(exc, path)
+    print(f"{path}: OK")
     print(cfgmod.summary(cfg))
     return 0
 
@@ -57,19 +58,44 @@ def load_run_config(path: Path) -> EffectiveConfig:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from edgeagent.agent import run_agent
+    from edgeagent.core import config as cfgmod
     from edgeagent.core import logs
+    from edgeagent.core.instance import AlreadyRunning, InstanceLock
 
+    path = resolve_config(args.config, "run")
+    if path is None:
+        return EXIT_USAGE
     try:
-        effective = load_run_config(args.config)
+        # the file's state dir is the one to lock: load_effective counts this start in it
+        lock = InstanceLock(cfgmod.load(path).state_dir)
     except ConfigError as exc:
-        print(f"{exc.source or args.config}: {len(exc.errors)} error(s)", file=sys.stderr)
-        for e in exc.errors:
-            print(f"  {e}", file=sys.stderr)
-        return 2
-    cfg = effective.config
-    logs.setup(args.log_level or cfg.logging.level, cfg.logging.format,
-               ring_lines=cfg.logging.ring_lines, ring_kb=cfg.logging.ring_kb)
-    return asyncio.run(run_agent(cfg, effective=effective))
+        return _config_errors(exc, path)
+    try:
+        lock.acquire()
+    except AlreadyRunning as exc:
+        print(f"edgeagent run: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"edgeagent run: cannot lock {lock.path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    try:  # held until the agent has stopped
+        try:
+            effective = load_run_config(path)
+        except ConfigError as exc:
+            return _config_errors(exc, path)
+        cfg = effective.config
+        logs.setup(args.log_level or cfg.logging.level, cfg.logging.format,
+                   ring_lines=cfg.logging.ring_lines, ring_kb=cfg.logging.ring_kb)
+        return asyncio.run(run_agent(cfg, effective=effective))
+    finally:
+        lock.release()
+
+
+def _config_errors(exc: ConfigError, path: Path) -> int:
+    print(f"{exc.source or path}: {len(exc.errors)} error(s)", file=sys.stderr)
+    for e in exc.errors:
+        print(f"  {e}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 CORE_COMMANDS = ("run", "check-config")
@@ -123,13 +149,15 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     sub.required = True
 
     run = sub.add_parser("run", help="run the agent (as the systemd service does)")
-    run.add_argument("--config", "-c", type=Path, required=True, help="TOML config file")
+    add_config_argument(run)
     run.add_argument("--log-level", type=log_level, help=f"override logging.level; {LOG_LEVEL_HELP}")
     run.set_defaults(func=_cmd_run)
 
     chk = sub.add_parser("check-config", help="validate a config file: exit 0 and a summary, or 2 "
                                               "and every error with its key path")
-    chk.add_argument("file", type=Path, help="the TOML config file")
+    chk.add_argument("file", type=Path, nargs="?", metavar="FILE",
+                     help="the config to check (default: as --config)")
+    add_config_argument(chk)
     chk.set_defaults(func=_cmd_check_config)
 
     if plugins:

@@ -23,6 +23,7 @@ from edgeagent.core.config_layers import (
     load_effective,
     read_applied,
 )
+from edgeagent.core.config_path import EXIT_USAGE, add_config_argument, resolve_config
 from edgeagent.core.errors import ConfigError
 
 SECRET_KEYS = ("password",)  # never printed: `show` output ends up in tickets and chats
@@ -79,15 +80,18 @@ def _header(cfg: cfgmod.Config) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    loaded = _load(args.config)
+    path = resolve_config(args.config, "config show")
+    if path is None:
+        return EXIT_USAGE
+    loaded = _load(path)
     if loaded is None:
         return 2
     cfg, layers = loaded
     if args.layer != "effective":
-        print(f"# layer {args.layer!r} of {args.config}")
+        print(f"# layer {args.layer!r} of {path}")
         print(dumps_toml(_redact(layers[args.layer])), end="")
         return 0
-    print(f"# effective config of {args.config}; each value says which layer set it")
+    print(f"# effective config of {path}; each value says which layer set it")
     print(_header(cfg), end="")
     note = None if args.no_origin else (lambda p: origin(layers, p))
     print(dumps_toml(_redact(cfgmod.to_dict(cfg)), note=note), end="")
@@ -95,7 +99,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    loaded = _load(args.config)
+    path = resolve_config(args.config, "config diff")
+    if path is None:
+        return EXIT_USAGE
+    loaded = _load(path)
     if loaded is None:
         return 2
     cfg, layers = loaded
@@ -103,7 +110,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if not layers["remote"]:
         return 0
     try:
-        base = cfgmod.build(layers["file"], str(args.config))
+        base = cfgmod.build(layers["file"], str(path))
     except ConfigError as exc:  # pragma: no cover - load_effective built it a moment ago
         print(exc, file=sys.stderr)
         return 2
@@ -130,11 +137,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     csub = p.add_subparsers(dest="config_command", metavar="{show,diff}")
     csub.required = True
     show = csub.add_parser("show", help="the effective config as TOML, each value with its layer")
-    show.add_argument("--config", "-c", type=Path, required=True, help="the agent's TOML config file")
+    add_config_argument(show)
     show.add_argument("--layer", choices=("effective", "defaults", "file", "remote"), default="effective",
                       help="which layer to show (effective: all merged)")
     show.add_argument("--no-origin", action="store_true", help="leave out the layer comments")
     show.set_defaults(func=cmd_show)
     diff = csub.add_parser("diff", help="what the applied remote layer changes against the file")
-    diff.add_argument("--config", "-c", type=Path, required=True, help="the agent's TOML config file")
+    add_config_argument(diff)
     diff.set_defaults(func=cmd_diff)

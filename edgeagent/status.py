@@ -17,8 +17,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from edgeagent.core.config_path import add_config_argument
+
 HEALTH_FILE = "health.json"  # edgeagent.health.HEALTH_FILE; not imported to keep `status` light
-DEFAULT_CONFIG = Path("/etc/edgeagent/config.toml")
 DEFAULT_INTERVAL_S = 5.0
 STALE_AFTER_INTERVALS = 3
 FINAL_JOB_STATES = frozenset({"rejected", "succeeded", "failed", "rolled_back", "cancelled"})
@@ -178,20 +179,25 @@ def render(health: Mapping[str, Any], verdict: Assessment, now: float) -> str:
 
 
 def resolve_state_dir(args: argparse.Namespace) -> Path:
-    """--state-dir wins; else the config's device.state_dir (ConfigError propagates)."""
+    """--state-dir wins; else the config's device.state_dir (ConfigError, ConfigNotFound propagate)."""
     if args.state_dir is not None:
         return Path(args.state_dir)
     from edgeagent.core import config as cfgmod
+    from edgeagent.core.config_path import find_config
 
-    return cfgmod.load(args.config).state_dir
+    return cfgmod.load(find_config(args.config)).state_dir
 
 
 def main(args: argparse.Namespace) -> int:
     """`edgeagent status [--config F | --state-dir D] [--json]`."""
+    from edgeagent.core.config_path import EXIT_USAGE, ConfigNotFound
     from edgeagent.core.errors import ConfigError
 
     try:
         state_dir = resolve_state_dir(args)
+    except ConfigNotFound as exc:
+        print(f"edgeagent status: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except ConfigError as exc:
         print(f"edgeagent status: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -224,11 +230,10 @@ def main(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     """Register `status` on the CLI's subparsers (an argparse._SubParsersAction)."""
     p = sub.add_parser("status", help="health, versions, pending jobs and spool backlog of the local agent; "
-                                      "exit 0 healthy, 1 unhealthy, 2 config error, 3 not running, "
-                                      "4 unknown")
+                                      "exit 0 healthy, 1 unhealthy, 2 no config or a bad one, "
+                                      "3 not running, 4 unknown")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG,
-                       help=f"agent config, for device.state_dir (default {DEFAULT_CONFIG})")
+    add_config_argument(where, "for device.state_dir")
     where.add_argument("--state-dir", type=Path, help="read this state dir instead of the config's")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=main)

@@ -160,4 +160,4 @@ def test_check_config_cli_ok_and_errors(tmp_path: Path) -> None:
     assert res.returncode == 2 and "TOML syntax error" in res.stderr
 
     res = run_cli("check-config", str(tmp_path / "missing.toml"))
-    assert res.returncode == 2 and "cannot read" in res.stderr
+    assert res.returncode == 2 and f"{tmp_path / 'missing.toml'} (no such file)" in res.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,8 +107,12 @@ def loads_object(topic: str, payload: bytes) -> dict[str, Any]:
 
 
 def status_online(model: dict[str, str] | None = None, firmware: dict[str, str] | None = None,
-                  ts: float | None = None) -> dict[str, Any]:
-    payload: dict[str, Any] = {"v": 1, "state": "online", "agent": __version__, "ts": ts or time.time()}
+                  ts: float | None = None, *, groups: Sequence[str] = (),
+                  hardware: str = "") -> dict[str, Any]:
+    """The retained "online" status; `groups` and `hardware` (from `[device]`) let fleet tools
+    filter and label devices without asking them."""
+    payload: dict[str, Any] = {"v": 1, "state": "online", "agent": __version__, "ts": ts or time.time(),
+                               "groups": list(groups), "hardware": hardware}
     if model:
         payload["model"] = model
     if firmware:

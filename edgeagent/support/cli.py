@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent.core.cli_args import positive_int
+from edgeagent.core.config_path import add_config_argument, resolve_config
 
-DEFAULT_CONFIG = Path("/etc/edgeagent/config.toml")
 MB = 1024 * 1024
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -31,10 +31,13 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     from edgeagent.core.errors import ConfigError, EdgeAgentError
     from edgeagent.support.bundle import build_bundle
 
+    config_path = resolve_config(args.config, "support bundle")
+    if config_path is None:
+        return EXIT_USAGE
     try:
-        cfg = load_effective(args.config).config
+        cfg = load_effective(config_path).config
     except ConfigError as exc:
-        print(f"edgeagent support bundle: {exc.source or args.config}: {'; '.join(exc.errors)}",
+        print(f"edgeagent support bundle: {exc.source or config_path}: {'; '.join(exc.errors)}",
               file=sys.stderr)
         return EXIT_USAGE
     if args.lines < 1:
@@ -46,7 +49,7 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         result = build_bundle(cfg, out, max_bytes=int(cfg.support.max_bundle_mb * MB), log_lines=(),
-                              config_path=args.config, journal=not args.no_journal,
+                              config_path=config_path, journal=not args.no_journal,
                               journal_lines=args.lines)
     except (OSError, EdgeAgentError) as exc:
         print(f"edgeagent support bundle: cannot write {out}: {exc}", file=sys.stderr)
@@ -65,8 +68,7 @@ def add_parsers(sub: Any) -> None:
     verbs.required = True
     b = verbs.add_parser("bundle", help="write a .tar.gz of config (secrets redacted), health, journal, "
                                          "spool figures, models, logs and board facts")
-    b.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG,
-                   help=f"the agent's config file (default {DEFAULT_CONFIG})")
+    add_config_argument(b)
     b.add_argument("-o", "--output", type=Path,
                    help="the bundle to write (default ./edgeagent-support-<device>-<time>.tar.gz)")
     b.add_argument("--lines", type=positive_int, default=2000, metavar="N",

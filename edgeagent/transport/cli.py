@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent.core.cli_args import positive_int
+from edgeagent.core.config_path import add_config_argument, resolve_config
 from edgeagent.core.errors import ConfigError
 from edgeagent.transport.component import SPOOL_FILE
 
@@ -24,10 +25,13 @@ def _spool_path(args: argparse.Namespace) -> Path | None:
         return Path(args.file)
     from edgeagent.core import config as cfgmod
 
+    path = resolve_config(args.config, "spool")
+    if path is None:
+        return None
     try:
-        cfg = cfgmod.load(args.config) if args.config else cfgmod.build({})
+        cfg = cfgmod.load(path)
     except ConfigError as exc:
-        print(f"{exc.source or args.config}: {'; '.join(exc.errors)}", file=sys.stderr)
+        print(f"{exc.source or path}: {'; '.join(exc.errors)}", file=sys.stderr)
         return None
     return cfg.state_dir / SPOOL_FILE
 
@@ -98,7 +102,7 @@ def _cmd(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("spool", help="what the store-and-forward spool holds (read-only)")
     p.add_argument("spool_cmd", choices=("stats", "peek"), help="stats: counts and seq; peek: oldest rows")
-    p.add_argument("--config", "-c", type=Path, help="agent TOML config (its device.state_dir)")
+    add_config_argument(p, "for device.state_dir")
     p.add_argument("--file", "-f", type=Path, help="a spool.sqlite file instead of --config")
     p.add_argument("--count", "-n", type=positive_int, default=5, help="rows for peek (default 5)")
     p.set_defaults(func=_cmd)

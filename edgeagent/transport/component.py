@@ -16,6 +16,7 @@ import logging
 from types import TracebackType
 from typing import Any
 
+from edgeagent.core.config_schema import DeviceConfig
 from edgeagent.core.live import LiveConfig, OutboxRelay, RouterRelay, Sections
 from edgeagent.core.protocol import status_online
 from edgeagent.transport.outbox import SpoolOutbox
@@ -31,8 +32,9 @@ HOUSEKEEPING_S = 5.0
 DEFERRED_RETRY_S = 1.0  # while writes wait in memory (disk full), try the spool this often
 
 
-def status_payload(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The retained "online" status: model "name@version" and firmware {"version","slot"} if known."""
+def status_payload(sections: dict[str, dict[str, Any]], device: DeviceConfig | None = None) -> dict[str, Any]:
+    """The retained "online" status: model "name@version" and firmware {"version","slot"} if known,
+    the device's groups and hardware from its config."""
     model = None
     spec = sections.get("inference", {}).get("model")
     if isinstance(spec, str) and spec:
@@ -42,7 +44,9 @@ def status_payload(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
     fw = sections.get("firmware")
     if isinstance(fw, dict) and fw.get("version"):
         firmware = {"version": str(fw["version"]), "slot": str(fw.get("slot", ""))}
-    return status_online(model=model, firmware=firmware)
+    if device is None:
+        return status_online(model=model, firmware=firmware)
+    return status_online(model=model, firmware=firmware, groups=device.groups, hardware=device.hardware)
 
 
 class TransportComponent:
@@ -89,7 +93,8 @@ class TransportComponent:
         router = SessionRouter()
         self._router.attach(router)  # subscriptions made before us are kept
         self.session = Session(lambda: self.live.config, live.topics, spool, outbox, router,
-                               lambda: status_payload(self._sections.snapshot(("inference", "firmware"))))
+                               lambda: status_payload(self._sections.snapshot(("inference", "firmware")),
+                                                              self.live.config.device))
         self.session.start()
         return self
     async def run(self) -> None:

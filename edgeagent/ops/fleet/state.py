@@ -120,6 +120,7 @@ class DeviceState:
     model: str | None = None             # "name@version"
     firmware: str | None = None
     groups: list[str] = field(default_factory=list)
+    hardware: str = ""                   # the status' device.hardware ("rpi4", ...), "" if not said
     last_seen: float = 0.0               # receive time of any message
     last_sample_recv: float | None = None
     last_sample_ts: float | None = None
@@ -140,7 +141,8 @@ class DeviceState:
         return {
             "device": self.device, "state": self.state, "reason": self.reason,
             "status_ts": self.status_ts, "agent": self.agent, "model": self.model,
-            "firmware": self.firmware, "groups": list(self.groups), "first_seen": self.first_seen,
+            "firmware": self.firmware, "groups": list(self.groups), "hardware": self.hardware,
+            "first_seen": self.first_seen,
             "last_seen": self.last_seen, "last_sample_recv": self.last_sample_recv,
             "last_sample_ts": self.last_sample_ts, "interval_s": self.interval_s,
             "metrics": dict(self.metrics), "inference": dict(self.inference), "spool": dict(self.spool),
@@ -154,7 +156,7 @@ class DeviceState:
     def from_dict(cls, d: dict[str, Any]) -> DeviceState:
         """Restore from a stored snapshot so seq accounting survives a collector restart."""
         dev = cls(device=str(d["device"]), first_seen=float(d.get("first_seen") or 0.0))
-        for name in ("state", "reason", "status_ts", "agent", "model", "firmware", "last_seen",
+        for name in ("state", "reason", "status_ts", "agent", "model", "firmware", "hardware", "last_seen",
                      "last_sample_recv", "last_sample_ts", "interval_s", "anomalies_total",
                      "last_event", "invalid"):
             if d.get(name) is not None:
@@ -303,6 +305,8 @@ class FleetState:
             groups = msg.get("groups")
             if isinstance(groups, list):
                 dev.groups = [str(g) for g in groups]
+            if isinstance(msg.get("hardware"), str):
+                dev.hardware = msg["hardware"]
         self.stats.messages["status"] += 1
         return Ingested()
 
