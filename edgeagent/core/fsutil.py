@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -18,14 +20,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Readers see the old file or the new one, never a torn one, even after kill -9 or power loss."""
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Write `path` through the yielded file: on a clean exit it is fsynced and renamed into place
+    (then the directory is fsynced); on any error the temp file goes and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
@@ -37,6 +41,12 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
             pass
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Readers see the old file or the new one, never a torn one, even after kill -9 or power loss."""
+    with atomic_file(path, mode) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 import threading
@@ -26,6 +25,7 @@ from edgeagent.core import protocol, signing
 from edgeagent.core.cli_args import positive_duration, positive_int
 from edgeagent.core.errors import ConfigError, EdgeAgentError
 from edgeagent.core.units import parse_duration_s
+from edgeagent.ops.args import add_signing_broker_args
 from edgeagent.updates.manifest import MAX_CHUNKS, MIN_CHUNK_SIZE
 
 DEFAULT_CHUNK = 64 * 1024
@@ -395,14 +395,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     ps.add_argument("--kind", choices=("model", "firmware"), required=True, help="what the file is")
     ps.add_argument("--name", required=True, help="the model's or firmware's name")
     ps.add_argument("--version", required=True, help="its version (devices refuse a downgrade)")
-    ps.add_argument("--key", required=True, help="PEM private key")
-    ps.add_argument("--key-id", required=True, help="the id devices know the public key by")
-    ps.add_argument("--broker", default=os.environ.get("EDGEAGENT_BROKER", "mqtt://127.0.0.1:1883"),
-                    metavar="URL", help="mqtt:// or mqtts:// URL ($EDGEAGENT_BROKER)")
-    ps.add_argument("--ca-file", help="CA bundle for mqtts://")
-    ps.add_argument("--cert-file", help="client certificate for mqtts://")
-    ps.add_argument("--key-file", help="client key for mqtts://")
-    ps.add_argument("--prefix", default="edge", help="topic prefix (config mqtt.topic_prefix)")
+    add_signing_broker_args(ps)
     ps.add_argument("--job", help="job id (default: name-version-random)")
     ps.add_argument("--chunk-kb", type=positive_int, default=DEFAULT_CHUNK // 1024, help="chunk size in KiB")
     ps.add_argument("--expires-in", type=positive_duration, default="1d",

@@ -28,6 +28,7 @@ from edgeagent.core import protocol, signing
 from edgeagent.core.cli_args import positive_duration, positive_int
 from edgeagent.core.errors import ConfigError, EdgeAgentError
 from edgeagent.core.units import parse_duration_s
+from edgeagent.ops.args import add_signing_broker_args
 
 DEFAULT_LINES = 500
 REQUEST_TTL_S = 600.0
@@ -324,14 +325,7 @@ def _support_subcommands(sub: argparse._SubParsersAction[Any]) -> argparse._SubP
 
 
 def _broker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--key", required=True, help="PEM private key")
-    p.add_argument("--key-id", required=True, help="the id devices know the public key by")
-    p.add_argument("--broker", default=os.environ.get("EDGEAGENT_BROKER", "mqtt://127.0.0.1:1883"),
-                   metavar="URL", help="mqtt:// or mqtts:// URL ($EDGEAGENT_BROKER)")
-    p.add_argument("--ca-file", help="CA bundle for mqtts://")
-    p.add_argument("--cert-file", help="client certificate for mqtts://")
-    p.add_argument("--key-file", help="client key for mqtts://")
-    p.add_argument("--prefix", default="edge", help="topic prefix (config mqtt.topic_prefix)")
+    add_signing_broker_args(p)
     p.add_argument("--timeout", type=positive_duration, default="2m",
                    help="give up after this long without a word from the device (30s, 5m, 1h)")
 

@@ -11,22 +11,20 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import tarfile
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from edgeagent.core import config as cfgmod
 from edgeagent.core.config import Config
 from edgeagent.core.config_layers import dumps_toml, load_effective
 from edgeagent.core.errors import ConfigError, EdgeAgentError
-from edgeagent.core.fsutil import fsync_dir
+from edgeagent.core.fsutil import atomic_file
 from edgeagent.support import facts
 from edgeagent.support.facts import Unavailable
 from edgeagent.support.redact import env_paths, redact_table, scrub, secret_values
@@ -75,24 +73,13 @@ def build_bundle(cfg: Config, out: Path, *, max_bytes: int, log_lines: Sequence[
     members = _members(cfg, layers, from_env, config_note, log_lines, omitted,
                        facts.under_systemd() if journal is None else journal, journal_lines)
     out = Path(out)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            files = _pack(raw, members, omitted, secrets, max_bytes)
-            raw.flush()
-            os.fsync(raw.fileno())
-        size = os.path.getsize(tmp)
+    with atomic_file(out, 0o600) as raw:  # a bundle is for the technician's eyes: owner only
+        files = _pack(raw, members, omitted, secrets, max_bytes)
+        raw.flush()
+        size = raw.tell()
         if size > max_bytes:  # the estimates are conservative; this would be a bug, not a big board
             raise BundleError(f"bundle came out at {size} bytes, over the cap of {max_bytes}", out)
-        digest = facts.sha256_file(Path(tmp))
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(out.parent)
+    digest = facts.sha256_file(out)
     return BundleResult(out, size, digest, files, omitted)
 
 
@@ -173,7 +160,7 @@ def _tail(path: Path) -> bytes:
 # --------------------------------------------------------------------------- packing under the cap
 
 
-def _pack(raw: io.BufferedWriter, members: list[Member], omitted: list[tuple[str, str]],
+def _pack(raw: BinaryIO, members: list[Member], omitted: list[tuple[str, str]],
           secrets: set[str], max_bytes: int) -> list[tuple[str, int]]:
     files: list[tuple[str, int]] = []
     now = time.time()
