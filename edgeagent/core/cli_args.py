@@ -3,54 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
+from typing import TypeVar
 
 from edgeagent.core.units import parse_duration_s
 
+T = TypeVar("T", int, float)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _checked(text: str, cast: Callable[[str], T], within: Callable[[T], bool], want: str) -> T:
+    """`cast(text)` if it parses and lies `within` its range; otherwise argparse's error naming `want`."""
+    try:
+        value = cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+    if not within(value):
+        raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+    return value
 
 
 def positive_int(text: str) -> int:
     """A count: 1 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
+    return _checked(text, int, lambda v: v >= 1, "a whole number >= 1")
 
 
 def non_negative_int(text: str) -> int:
     """A count where 0 means none / off / automatic (the flag's help says which)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
-    return value
+    return _checked(text, int, lambda v: v >= 0, "a whole number >= 0")
 
 
 def positive_float(text: str) -> float:
     """A length of time or a threshold in the flag's unit: above 0, finite."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
+    return _checked(text, float, lambda v: 0 < v < math.inf, "a finite number > 0")
 
 
 def non_negative_float(text: str) -> float:
     """A number where 0 means off / until stopped (the flag's help says which)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+    return _checked(text, float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 
 
 def positive_duration(text: str) -> float:
@@ -77,10 +68,4 @@ LOG_LEVEL_HELP = f"log level: {', '.join(LOG_LEVELS)} (any case)"
 
 def probability(text: str) -> float:
     """A probability: 0 to 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number 0-1, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number 0-1, got {text!r}")
-    return value
+    return _checked(text, float, lambda v: 0 <= v <= 1, "a number 0-1")

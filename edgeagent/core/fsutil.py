@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -60,3 +61,12 @@ def atomic_write_json(path: Path, value: Any, mode: int = 0o644) -> None:
 def read_json(path: Path) -> Any:
     """The parsed JSON at `path`; raises FileNotFoundError or ValueError (json.JSONDecodeError)."""
     return json.loads(Path(path).read_text())
+
+
+def sha256_file(path: Path, block_bytes: int = 1 << 20) -> str:
+    """The hex sha256 of a file, read in blocks (artifacts and bundles can be hundreds of MiB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(block_bytes):
+            h.update(block)
+    return h.hexdigest()

@@ -24,7 +24,7 @@ from edgeagent.core import config as cfgmod
 from edgeagent.core.config import Config
 from edgeagent.core.config_layers import dumps_toml, load_effective
 from edgeagent.core.errors import ConfigError, EdgeAgentError
-from edgeagent.core.fsutil import atomic_file
+from edgeagent.core.fsutil import atomic_file, sha256_file
 from edgeagent.support import facts
 from edgeagent.support.facts import Unavailable
 from edgeagent.support.redact import env_paths, redact_table, scrub, secret_values
@@ -79,7 +79,7 @@ def build_bundle(cfg: Config, out: Path, *, max_bytes: int, log_lines: Sequence[
         size = raw.tell()
         if size > max_bytes:  # the estimates are conservative; this would be a bug, not a big board
             raise BundleError(f"bundle came out at {size} bytes, over the cap of {max_bytes}", out)
-    digest = facts.sha256_file(out)
+    digest = sha256_file(out)
     return BundleResult(out, size, digest, files, omitted)
 
 

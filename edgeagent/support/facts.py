@@ -6,7 +6,6 @@ missing (the bundle lists it as omitted). Nothing here writes, and nothing reads
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import sqlite3
@@ -19,6 +18,7 @@ from typing import Any
 from urllib.parse import quote
 
 from edgeagent import __version__
+from edgeagent.core.fsutil import sha256_file
 
 # the state dir's files, named here rather than imported so that a bundle never loads the transport
 # or the updates machinery (tests check they match transport.component / updates.jobs / health)
@@ -112,14 +112,6 @@ def _query_spool(path: Path, mode: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- models
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_listing(models_dir: Path) -> dict[str, Any]:

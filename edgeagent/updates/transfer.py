@@ -16,13 +16,12 @@ import time
 from pathlib import Path
 
 from edgeagent.core.errors import ChunkRejected
-from edgeagent.core.fsutil import atomic_write_bytes, fsync_dir
+from edgeagent.core.fsutil import atomic_write_bytes, fsync_dir, sha256_file
 from edgeagent.updates.manifest import Manifest
 
 PART = "artifact.part"
 BITMAP = "bitmap"
 ARTIFACT = "artifact"
-HASH_BLOCK = 1 << 20
 MAX_RANGES = 64  # per request message: keep requests small; the rest is asked for next time
 
 
@@ -86,7 +85,7 @@ class Transfer:
             raise ChunkRejected(m.job, index, f"oversized: {len(data)} bytes > chunk_size {m.chunk_size}")
         if len(data) != expected:
             raise ChunkRejected(m.job, index, f"size mismatch: {len(data)} bytes, expected {expected}")
-        if m.chunk_sha256 is not None and hashlib.sha256(data).hexdigest() != m.chunk_sha256[index]:
+        if hashlib.sha256(data).hexdigest() != m.chunk_sha256[index]:  # required by the manifest
             raise ChunkRejected(m.job, index, "chunk_sha256 mismatch")
 
     def write(self, index: int, data: bytes) -> bool:
@@ -189,14 +188,6 @@ def disk_free_bytes(path: Path) -> int:
     while not p.exists():
         p = p.parent
     return shutil.disk_usage(p).free
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Puller:
