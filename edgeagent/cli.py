@@ -100,6 +100,10 @@ def _config_errors(exc: ConfigError, path: Path) -> int:
 
 CORE_COMMANDS = ("run", "check-config")
 
+# packages that come with an extra, not with the base install (pyproject.toml optional-dependencies)
+OPTIONAL_PACKAGES = {"rich": "fleet", "prometheus_client": "fleet", "tflite_runtime": "tflite",
+                     "ai_edge_litert": "litert"}
+
 # exit statuses every verb keeps (the `--help` epilog says the same)
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EPILOG = """\
@@ -195,6 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, _os_message(exc), EXIT_USAGE)
     except OSError as exc:  # permission denied, connection refused, disk full ...
         return _fail(args, _os_message(exc), EXIT_FAILURE)
+    except ModuleNotFoundError as exc:  # an optional package of an extra the install left out
+        extra = OPTIONAL_PACKAGES.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        return _fail(args, f"needs {exc.name}, which is not installed: pip install 'edgeagent[{extra}]'",
+                     EXIT_FAILURE)
 
 
 def _fail(args: argparse.Namespace, message: str, status: int) -> int:

@@ -185,3 +185,14 @@ def test_piped_fleet_table_is_plain_and_never_cut() -> None:
                               "anom", "gaps", "update", "trouble"]
     row = next(line for line in text.splitlines() if line.startswith(long_id))
     assert row.split()[1] == "online" and len(row) > 130
+
+
+def test_a_verb_whose_extra_is_not_installed_says_which_extra(tmp_path: Path) -> None:
+    """The base install has no `fleet` extra: `fleet watch` says what to install, no traceback.
+    (sys.modules["rich"] = None makes `import rich` fail as it does where rich is missing.)"""
+    code = ("import sys; sys.modules['rich'] = None; from edgeagent.cli import main; "
+            f"sys.exit(main(['fleet', 'watch', '--db', {str(tmp_path / 'f.sqlite')!r}, '--once']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "pip install 'edgeagent[fleet]'" in r.stderr and "rich" in r.stderr
