@@ -111,6 +111,13 @@ def default_components(w: Wiring) -> list[Component]:
         inference = InferenceComponent(w.live, w.outbox)
         components.append(inference)
         sections["inference"] = inference.section
+        sections["sensors"] = inference.sensors_section
+    elif w.live.config.sensors.source in ("serial", "modbus", "iio"):  # values for telemetry/rules only
+        from edgeagent.sensors.component import SensorsComponent
+
+        sensors = SensorsComponent(w.live, w.outbox)
+        components.append(sensors)
+        sections["sensors"] = sensors.section
     rules = RulesComponent(w.live, w.metrics, w.outbox, w.router, w.sections, w.layers)
     updates = UpdatesComponent(w.live, w.metrics, w.outbox, w.router, model_installer=inference,
                                inference_section=inference.section if inference is not None else None,

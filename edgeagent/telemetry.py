@@ -24,14 +24,15 @@ from edgeagent.transport.outbox import SampleSink
 log = logging.getLogger(__name__)
 
 FIRST_METRICS_WAIT_S = 2.0
+SAMPLE_SECTIONS = ("inference", "sensors", "spool")  # `sensors`: a bus source's state and latest values
 _once = Once(log)
 
 
 def build_sample(metrics: dict[str, Any], sections: dict[str, dict[str, Any]], ts: float) -> dict[str, Any]:
     """A sample without its seq (the spool assigns it); absent sections are omitted."""
     sample: dict[str, Any] = {"ts": ts, "metrics": dict(metrics)}
-    for name in ("inference", "spool"):
-        if name in sections:
+    for name in SAMPLE_SECTIONS:
+        if sections.get(name):  # an empty `sensors` (no bus source) is left out
             sample[name] = sections[name]
     return sample
 
@@ -71,7 +72,7 @@ class TelemetryComponent:
         if sink is None:
             _once.warning("nosink", "no spool-backed outbox (transport not running); sample dropped")
             return None
-        sections = self._sections.snapshot(("inference", "spool"))
+        sections = self._sections.snapshot(SAMPLE_SECTIONS)
         seq = sink.add_sample(build_sample(self.metrics.latest, sections, time.time()))
         self.samples += 1
         if seq:  # 0: the spool could not be written now; the sample waits in memory for its seq

@@ -51,6 +51,7 @@ from edgeagent.core.config_schema import (
     WindowConfig,
 )
 from edgeagent.core.errors import ConfigError
+from edgeagent.core.sensor_checks import check_sensors
 from edgeagent.core.units import DURATION_RE, parse_duration_s
 
 if sys.version_info >= (3, 11):
@@ -115,6 +116,7 @@ def _cross_checks(cfg: Config) -> list[str]:
     if cfg.sensors.window.stride > cfg.sensors.window.size:
         errors.append(f"sensors.window.stride: expected at most sensors.window.size "
                       f"({cfg.sensors.window.size}), got {cfg.sensors.window.stride}")
+    errors += check_sensors(cfg.sensors)
     if cfg.mqtt.reconnect_initial_s > cfg.mqtt.reconnect_max_s:
         errors.append("mqtt.reconnect_initial_s: expected at most mqtt.reconnect_max_s")
     if bool(cfg.mqtt.tls.cert_file) != bool(cfg.mqtt.tls.key_file):

@@ -148,6 +148,80 @@ class MqttSensorConfig:
     topic: str = "sensors/vibration"
 
 
+def _stopbits_check(value: float) -> str | None:
+    return None if value in (1, 1.5, 2) else f"expected 1, 1.5 or 2, got {value:g}"
+
+
+def _channel_name_check(value: str) -> str | None:
+    """Channel names are rule names (`temperature_c > 60`) and telemetry keys."""
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", value):
+        return None
+    return f"expected a name of letters, digits and '_' (not starting with a digit), got {value!r}"
+
+
+_CHANNEL = {"item_check": _channel_name_check}
+
+
+@dataclass(frozen=True, slots=True)
+class SerialSensorConfig:
+    """A line-oriented device on a serial port (USB-serial, UART): one sample per line."""
+
+    device: str = "/dev/ttyUSB0"  # prefer a stable /dev/serial/by-id/... path
+    baud: int = field(default=115200, metadata=_range(50, 4_000_000))
+    bytesize: int = field(default=8, metadata=_range(5, 8))
+    parity: Literal["N", "E", "O", "M", "S"] = "N"
+    stopbits: float = field(default=1.0, metadata=_check(_stopbits_check))
+    format: Literal["csv", "kv"] = "csv"  # csv: `1.0,2.0,3.0`; kv: `ax=1.0 ay=2.0 az=3.0`
+    columns: tuple[str, ...] = field(default=("ax", "ay", "az"), metadata=_CHANNEL)  # csv order / kv keys
+    separator: str = ","  # between csv columns (kv pairs split on whitespace, ',' or ';')
+    # no complete line for this long: the device counts as gone (closed, reopened with backoff)
+    timeout_s: float = field(default=5.0, metadata=_range(0.1, 3600))
+
+
+@dataclass(frozen=True, slots=True)
+class ModbusRegisterConfig:
+    """One channel of a Modbus device: where its value lives and how to scale it."""
+
+    name: str = field(default="", metadata=_check(_channel_name_check, required=True))
+    table: Literal["holding", "input"] = "holding"
+    address: int = field(default=0, metadata=_range(0, 65535))  # 0-based (register 40001 is 0)
+    type: Literal["int16", "uint16", "int32", "uint32", "float32"] = "uint16"
+    word_order: Literal["big", "little"] = "big"  # 32-bit types: "big" puts the high word first
+    scale: float = 1.0  # value = raw x scale + offset
+    offset: float = 0.0
+    unit: str = ""
+    min: float | None = None  # a scaled value outside min..max is counted and dropped
+    max: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModbusSensorConfig:
+    transport: Literal["tcp", "rtu"] = "tcp"
+    host: str = "127.0.0.1"  # tcp
+    port: int = field(default=502, metadata=_range(1, 65535))
+    device: str = "/dev/ttyUSB0"  # rtu: the RS-485 adapter
+    baud: int = field(default=9600, metadata=_range(50, 4_000_000))
+    bytesize: int = field(default=8, metadata=_range(5, 8))
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: float = field(default=1.0, metadata=_check(_stopbits_check))
+    unit_id: int = field(default=1, metadata=_range(0, 247))
+    timeout_s: float = field(default=1.0, metadata=_range(0.01, 60))
+    registers: tuple[ModbusRegisterConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class IioSensorConfig:
+    """A Linux Industrial I/O device (accelerometer, ADC, IMU) under a sysfs root."""
+
+    root: str = "/sys/bus/iio/devices"
+    device: str = ""  # its `name` ("adxl345") or directory ("iio:device0"); empty: the only device
+    channels: tuple[str, ...] = field(default=("accel_x", "accel_y", "accel_z"), metadata=_CHANNEL)
+    # sysfs: read in_<channel>_raw per sample; buffered: the /dev/iio:deviceN FIFO with scan_elements
+    # (the driver must support it); auto: buffered when the device has scan_elements
+    mode: Literal["auto", "sysfs", "buffered"] = "sysfs"
+    dev_dir: str = "/dev"  # where the iio:deviceN character devices are
+
+
 @dataclass(frozen=True, slots=True)
 class WindowConfig:
     size: int = field(default=256, metadata=_range(1, 1_000_000))
@@ -156,12 +230,21 @@ class WindowConfig:
 
 @dataclass(frozen=True, slots=True)
 class SensorsConfig:
-    source: Literal["simulated", "csv", "mqtt"] = "simulated"
-    rate_hz: float = field(default=1600.0, metadata=_range(0.1, 1e6))
-    channels: int = field(default=3, metadata=_range(1, 64))
+    source: Literal["simulated", "csv", "mqtt", "serial", "modbus", "iio"] = "simulated"
+    rate_hz: float = field(default=1600.0, metadata=_range(0.01, 1e6))  # bus sources: the poll rate
+    channels: int = field(default=3, metadata=_range(1, 64))  # simulated/csv/mqtt; bus sources name theirs
+    # bus sources: the named channels the model gets, in this order (empty: all, in the source's order)
+    select: tuple[str, ...] = field(default=(), metadata=_CHANNEL)
+    units: dict[str, str] = field(default_factory=dict)  # channel -> unit (overrides the source's)
+    limits: dict[str, tuple[float, ...]] = field(default_factory=dict)  # channel -> [min, max]
+    retry_initial_s: float = field(default=1.0, metadata=_range(0.01, 3600))  # a lost device: backoff
+    retry_max_s: float = field(default=30.0, metadata=_range(0.01, 86400))
     simulated: SimulatedSensorConfig = SimulatedSensorConfig()
     csv: CsvSensorConfig = CsvSensorConfig()
     mqtt: MqttSensorConfig = MqttSensorConfig()
+    serial: SerialSensorConfig = SerialSensorConfig()
+    modbus: ModbusSensorConfig = ModbusSensorConfig()
+    iio: IioSensorConfig = IioSensorConfig()
     window: WindowConfig = WindowConfig()
 
 

@@ -15,7 +15,7 @@ from edgeagent import __version__
 from edgeagent.core.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
-EVENT_KINDS = ("anomaly", "rule", "update", "config", "error", "support")
+EVENT_KINDS = ("anomaly", "rule", "update", "config", "error", "support", "sensor")
 SEVERITIES = ("info", "warning", "critical")
 JOB_STATES = (
     "received", "rejected", "downloading", "verified", "deferred", "installing", "rebooting",

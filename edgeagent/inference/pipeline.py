@@ -29,7 +29,7 @@ from edgeagent.inference.scoring import AnomalyState as AnomalyState  # re-expor
 from edgeagent.inference.scoring import Scored as Scored
 from edgeagent.inference.scoring import thresholds as thresholds
 from edgeagent.inference.store import ModelStore
-from edgeagent.sensors.sources import SensorSource, Windower, make_source
+from edgeagent.sensors.sources import SensorSource, Windower, make_source, source_status
 
 log = logging.getLogger(__name__)
 once = Once(log)
@@ -60,6 +60,7 @@ class InferenceComponent:
         self._base: dict[str, int] = {"count": 0, "dropped": 0, "errors": 0}  # of closed runners
         self._closed: RunnerStats | None = None  # the last closed runner's figures (latencies)
         self._problem: str | None = None  # why nothing is served (no runtime), for health.json
+        self._source: SensorSource | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> InferenceComponent:
@@ -100,6 +101,10 @@ class InferenceComponent:
                 await self._wait_structure_change(_structure(cfg))
                 continue
             source = self._source_override or make_source(cfg.sensors)
+            self._source = source
+            status = source_status(source)
+            if status is not None:  # a bus source reports its device coming and going
+                status.events = self.outbox.emit_event
             try:
                 await self._open_pipeline(cfg, source)
             except RuntimeUnavailable as exc:
@@ -242,6 +247,11 @@ class InferenceComponent:
                 listener(scored)
             except Exception:
                 log.exception("inference listener failed")
+
+    def sensors_section(self) -> dict[str, Any]:
+        """The `sensors` section: a bus source's state and latest values ({} for the others)."""
+        status = source_status(self._source)
+        return status.section() if status is not None else {}
 
     def section(self) -> dict[str, Any]:
         """The `inference` section of telemetry and health.json."""

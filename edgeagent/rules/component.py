@@ -34,20 +34,27 @@ log = logging.getLogger(__name__)
 STARTUP_GRACE_S = 30.0  # values absent this soon after start (inference still loading) are not warned
 
 SLOWED = ("monitor", "telemetry", "inference")  # LiveConfig.slowdown keys power_save sets
-SECTIONS = ("inference", "mqtt")  # sections rules may read (cheap ones only)
+SECTIONS = ("inference", "mqtt", "sensors")  # sections rules may read (cheap ones only)
 
 
 def collect_values(metrics: Mapping[str, Any], sections: Mapping[str, Mapping[str, Any]],
                    busy: bool, connected: bool, now: datetime) -> dict[str, Any]:
     """The names a condition can use: every scalar metric (`temp_c`), every scalar of the inference
     and mqtt sections both as `inference.p95_ms` and, unless a metric has that name, `p95_ms`; and
-    device state `busy`, `connected`, `hour`, `minute`, `weekday` (0 = Monday, local time)."""
+    device state `busy`, `connected`, `hour`, `minute`, `weekday` (0 = Monday, local time). A bus
+    source's channels are read by name (`temperature_c`, `sensors.temperature_c`) while it has a value."""
     out: dict[str, Any] = {k: v for k, v in metrics.items() if _scalar(v)}
     for section, table in sections.items():
         for k, v in table.items():
             if _scalar(v):
                 out[f"{section}.{k}"] = v
                 out.setdefault(k, v)
+    channels = sections.get("sensors", {}).get("channels", {})
+    for name, ch in channels.items() if isinstance(channels, Mapping) else ():
+        value = ch.get("value") if isinstance(ch, Mapping) else None
+        if _scalar(value):
+            out[f"sensors.{name}"] = value
+            out.setdefault(name, value)
     out.update(busy=busy, connected=connected, hour=now.hour, minute=now.minute, weekday=now.weekday())
     return out
 

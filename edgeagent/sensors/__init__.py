@@ -1,1 +1,1 @@
-"""Sensor sources (simulated, csv, mqtt) and windowing."""
+"""Sensor sources (simulated, csv, mqtt, serial, modbus, iio) and windowing."""

@@ -1,4 +1,5 @@
-"""Sensor sources (simulated vibration, CSV replay, local MQTT topic) and the windowing ring buffer."""
+"""Sensor sources (simulated vibration, CSV replay, local MQTT topic), the windowing ring buffer and
+the factory that builds any source kind from its config (the bus kinds live in their own modules)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from edgeagent.transport.local import LocalSubscription
 
 if TYPE_CHECKING:
     from edgeagent.core.config import SensorsConfig
+    from edgeagent.sensors.status import SourceStatus
 
 log = logging.getLogger(__name__)
 
@@ -473,7 +475,20 @@ class MqttSource:
 
 
 def make_source(cfg: SensorsConfig) -> SensorSource:
-    """The source named by `sensors.source`: "simulated" | "csv" | "mqtt"; SensorError if unusable."""
+    """The source one `SensorsConfig` names (simulated, csv, mqtt, serial, modbus, iio); SensorError
+    if unusable. Bus sources carry a `status` (see `source_status`); their modules load only here."""
+    if cfg.source == "serial":
+        from edgeagent.sensors.serial import SerialSource
+
+        return SerialSource(cfg)
+    if cfg.source == "modbus":
+        from edgeagent.sensors.modbus import ModbusSource
+
+        return ModbusSource(cfg)
+    if cfg.source == "iio":
+        from edgeagent.sensors.iio import IioSource
+
+        return IioSource(cfg)
     if cfg.source == "simulated":
         if cfg.channels != VibrationSimulator.channels:
             raise SensorError("simulated", f"the simulator has 3 channels, not {cfg.channels}")
@@ -496,3 +511,11 @@ def make_source(cfg: SensorsConfig) -> SensorSource:
         return csv_src
     return MqttSource(host=cfg.mqtt.host, port=cfg.mqtt.port, topic=cfg.mqtt.topic,
                       channels=cfg.channels, rate_hz=cfg.rate_hz)
+
+
+def source_status(source: object) -> SourceStatus | None:
+    """A bus source's state and latest values (None for simulated, csv and mqtt)."""
+    from edgeagent.sensors.status import SourceStatus
+
+    status = getattr(source, "status", None)
+    return status if isinstance(status, SourceStatus) else None
