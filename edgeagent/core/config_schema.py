@@ -220,6 +220,8 @@ class IioSensorConfig:
     # (the driver must support it); auto: buffered when the device has scan_elements
     mode: Literal["auto", "sysfs", "buffered"] = "sysfs"
     dev_dir: str = "/dev"  # where the iio:deviceN character devices are
+    # the IIO ABI gives m/s^2; "g" converts acceleration channels (models trained in g, as ours)
+    accel_unit: Literal["m/s^2", "g"] = "m/s^2"
 
 
 @dataclass(frozen=True, slots=True)

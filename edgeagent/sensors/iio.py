@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from edgeagent.sensors.sources import Samples
 
 CHUNK_S = 0.02
+STANDARD_GRAVITY = 9.80665  # m/s^2 per g
 # the IIO sysfs ABI's units after (raw + offset) x scale
 UNITS = {"accel": "m/s^2", "anglvel": "rad/s", "magn": "gauss", "voltage": "mV", "current": "mA",
          "temp": "m°C", "pressure": "kPa", "humidityrelative": "m%RH", "illuminance": "lux",
@@ -132,6 +133,10 @@ class IioSource:
         self.rate_hz = float(cfg.rate_hz)
         self.chunk_s = chunk_s
         units = {c: UNITS.get(channel_type(c), "") for c in i.channels}
+        # m/s^2 -> g on acceleration channels when asked (the shipped model was trained in g)
+        self.gain = np.array([1.0 / STANDARD_GRAVITY if channel_type(c) == "accel" and i.accel_unit == "g"
+                              else 1.0 for c in i.channels], np.float64)
+        units.update({c: "g" for c in i.channels if channel_type(c) == "accel" and i.accel_unit == "g"})
         target = f"{i.device or 'device'} under {i.root}"
         self.status = SourceStatus("iio", target, channels_from(cfg, i.channels, units), cfg.select,
                                    retry_initial_s=cfg.retry_initial_s, retry_max_s=cfg.retry_max_s)
@@ -148,7 +153,7 @@ class IioSource:
     def _calibration(self, dev: Path) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         scale = [self._attr(dev, c, "scale", 1.0) for c in self.cfg.channels]
         offset = [self._attr(dev, c, "offset", 0.0) for c in self.cfg.channels]
-        return np.array(scale, np.float64), np.array(offset, np.float64)
+        return np.array(scale, np.float64) * self.gain, np.array(offset, np.float64)
 
     def _buffered(self, dev: Path) -> bool:
         if self.cfg.mode == "sysfs":
