@@ -104,13 +104,14 @@ class NullModem:
             tty.setraw(slave)
             tty.setraw(master)
             name = os.ttyname(slave)
-            os.close(slave)
+            # the slave stays open here too (never read): a pty whose slave was closed hangs up its
+            # master (EIO), and bytes pumped in that moment would be lost
             with contextlib.suppress(FileNotFoundError):
                 link.unlink()
             link.symlink_to(name)
-            self._fds.append(master)
+            self._fds += [master, slave]
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._pump, args=(self._fds[0], self._fds[1], self._stop),
+        self._thread = threading.Thread(target=self._pump, args=(self._fds[0], self._fds[2], self._stop),
                                         daemon=True)
         self._thread.start()
 
@@ -159,8 +160,9 @@ class _ModbusPeer:
             await self._server.async_setValues(unit, 16, address, values)
 
     async def _serve(self, server: Any) -> None:
+        """Returns once the server listens (its port is open)."""
         self._server = server
-        self._task = asyncio.create_task(server.serve_forever(), name="modbus-peer")
+        await server.serve_forever(background=True)
         for addr, v in sorted(self.values.items()):
             await server.async_setValues(1, 16, addr, [v])
 
