@@ -206,21 +206,24 @@ class _SysfsReader:
     def read_chunk(self) -> tuple[float, npt.NDArray[np.float64], str]:
         if not self.dev.is_dir():  # an open fd on a removed file would read on forever
             raise FileNotFoundError(f"{self.dev} is gone")
-        raw = np.empty((self.per_chunk, len(self.fds)), np.float64)
+        rows: list[list[float]] = []
         bad = ""
-        n = 0
+        fds, period, nxt = self.fds, self.period, self._next
+        mono, pread, append = time.monotonic, os.pread, rows.append  # the hot loop: locals only
         for _ in range(self.per_chunk):
-            delay = self._next - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            self._next = max(self._next + self.period, time.monotonic() - self.period)
+            now = mono()
+            if nxt > now:
+                time.sleep(nxt - now)
+            elif now - nxt > period:
+                nxt = now  # fell behind (a busy board): carry on from now, no burst to catch up
+            nxt += period
             try:
-                raw[n] = [float(os.pread(fd, 32, 0)) for fd in self.fds]
+                append([float(pread(fd, 32, 0)) for fd in fds])
             except ValueError as exc:
                 bad = f"unreadable raw value: {exc}"
-                continue
-            n += 1
-        return time.time(), (raw[:n] + self.offset) * self.scale, bad
+        self._next = nxt
+        raw = np.array(rows, np.float64).reshape(len(rows), len(fds))
+        return time.time(), (raw + self.offset) * self.scale, bad
 
     def close(self) -> None:
         for fd in self.fds:

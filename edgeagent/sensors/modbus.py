@@ -17,8 +17,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from edgeagent.core.errors import SensorError
 from edgeagent.sensors.status import SourceStatus, channels_from
 
@@ -112,8 +110,7 @@ class ModbusSource:
         values = [0.0] * len(m.registers)
         for b in self.blocks:
             read = client.read_holding_registers if b.table == "holding" else client.read_input_registers
-            rr = await asyncio.wait_for(read(b.start, count=b.count, device_id=m.unit_id),
-                                        m.timeout_s * 2 + 1)
+            rr = await read(b.start, count=b.count, device_id=m.unit_id)  # pymodbus' own timeout_s
             if rr.isError():
                 self.status.bad_frame(f"{b.table} registers {b.start}..{b.start + b.count - 1}: {rr}")
                 return None
@@ -142,14 +139,15 @@ class ModbusSource:
                     ts = time.time()
                     if values is not None:
                         self.status.up()
-                        out = self.status.accept(ts, np.array([values], np.float64))
+                        out = self.status.accept_row(ts, values)
                         if out is not None:
                             yield ts, out
                     due += period
                     now = loop.time()
-                    if due < now:  # fell behind (slow device): poll now, no burst to catch up
+                    if due > now:
+                        await asyncio.sleep(due - now)
+                    else:  # fell behind (slow device): poll again now, no burst to catch up
                         due = now
-                    await asyncio.sleep(due - now)
             except errors as exc:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             finally:
