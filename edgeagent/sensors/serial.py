@@ -3,8 +3,9 @@
 Built on pyserial with the reads in a worker thread (`asyncio.to_thread`, one call per 50 ms
 chunk): parsing a 1.6 kHz line stream happens off the event loop and the loop wakes 20 times a
 second instead of once per line (each hand-over costs a few hundred microseconds of CPU, so the
-chunk is what keeps the source within 1.5x of a bare pyserial loop: scripts/bench sensors); pyserial is pure Python and pymodbus' RTU transport needs it
-anyway, so the `serial` extra adds nothing else. Timestamps are taken when a chunk's bytes arrive.
+chunk is what keeps the source within 1.5x of a bare pyserial loop: scripts/bench sensors);
+pyserial is pure Python and pymodbus' RTU transport needs it anyway, so the `serial` extra adds
+nothing else. Timestamps are taken when a chunk's bytes arrive.
 """
 
 from __future__ import annotations
