@@ -84,7 +84,8 @@ async def _unplug_replug(run: Run, unplug: Callable[[], Any], replug: Callable[[
     await unplug()
     await run.until(lambda: run.sensors().get("state") == "down" and run.events("sensor"), "down + event")
     await replug()
-    await run.until(lambda: run.sensors().get("state") == "ok" and len(run.events("sensor")) >= 2, "back + event")
+    await run.until(lambda: run.sensors().get("state") == "ok" and len(run.events("sensor")) >= 2,
+                    "back + event")
     lost, back = run.events("sensor")[:2]
     assert lost["severity"] == "warning" and back["severity"] == "info"
 
@@ -100,7 +101,7 @@ def test_serial_example(broker: Broker, tmp_path: Path) -> None:
                 ch = run.sensors()["channels"]
                 assert ch["ax"] == {"value": 0.02, "unit": "g"} and ch["az"]["unit"] == "g"
                 feeder.extra += [b"not,a,number\n", b"1,2\n"]
-                await run.until(lambda: run.sensors().get("malformed", 0) >= 2, "garbage counted in telemetry")
+                await run.until(lambda: run.sensors().get("malformed", 0) >= 2, "garbage in telemetry")
 
                 async def unplug() -> None:
                     dev.unplug()
@@ -130,16 +131,18 @@ def test_modbus_example(transport: str, broker: Broker, tmp_path: Path) -> None:
         try:
             env = _env(broker, tmp_path, f"ex-modbus-{transport}", **extra)
             async with Run(EXAMPLES / f"modbus-{transport}.toml", env, broker) as run:
-                await run.until(lambda: run.sensors().get("channels", {}).get("humidity_pct", {}).get("value"),
-                                "values in telemetry")
+                def humidity() -> object:
+                    return run.sensors().get("channels", {}).get("humidity_pct", {}).get("value")
+                await run.until(humidity, "values in telemetry")
                 ch = run.sensors()["channels"]
                 assert ch["temperature_c"] == {"value": pytest.approx(21.5), "unit": "°C"}
                 assert ch["humidity_pct"] == {"value": pytest.approx(40.0), "unit": "%"}
                 assert "inference" not in run.samples()[-1]
                 # the rule reads the channel by name: 61.2 °C raises the alert
                 await peer.set_holding(0, [612])
-                await run.until(lambda: any(e["data"].get("rule") == "cabinet-hot" for e in run.events("rule")),
-                                "the cabinet-hot alert")
+                def alerted() -> bool:
+                    return any(e["data"].get("rule") == "cabinet-hot" for e in run.events("rule"))
+                await run.until(alerted, "the cabinet-hot alert")
                 alert = next(e for e in run.events("rule") if e["data"].get("rule") == "cabinet-hot")
                 assert alert["severity"] == "critical"
                 assert alert["data"]["values"]["temperature_c"] == pytest.approx(61.2)

@@ -96,7 +96,7 @@ def test_serial_csv_values_unplug_replug_garbage(tmp_path: Path) -> None:
                 assert r.chunks[-1][1].shape[1] == 3 and r.chunks[-1][1].dtype == np.float32
                 # garbage: wrong column count, words, binary noise, an out-of-range value
                 feeder.extra += [b"1,2\n", b"hello,world,!\n", b"\xff\xfe\x00\n", b"0,0,99\n"]
-                await r.until(lambda: r.status.malformed >= 3 and r.status.out_of_range >= 1, "garbage counted")
+                await r.until(lambda: r.status.malformed >= 3 and r.status.out_of_range >= 1, "garbage")
                 rows = r.rows
                 await r.until(lambda: r.rows > rows + 100, "rows after garbage")
                 # unplug: the pty hangs up and its path goes away
@@ -157,8 +157,9 @@ async def _modbus_story(peer: ModbusTcpPeer | ModbusRtuPeer, modbus: dict[str, A
             await peer.set_holding(1, [1500])
             await r.until(lambda: r.status.out_of_range >= 1, "out of range counted")
             await peer.set_holding(0, [612, 500])
-            await r.until(lambda: r.status.section()["channels"]["temperature_c"]["value"] == pytest.approx(61.2),
-                          "new value")
+            def temperature() -> object:
+                return r.status.section()["channels"]["temperature_c"]["value"]
+            await r.until(lambda: temperature() == pytest.approx(61.2), "new value")
             # the server goes away: one event, state down, retried
             await peer.stop()
             await r.until(lambda: r.status.state == "down", "down after the server stopped")

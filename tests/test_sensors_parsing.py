@@ -102,7 +102,7 @@ def test_find_device_by_name_and_alone(tmp_path: pytest.TempPathFactory) -> None
         (root / f"iio:device{i}" / "name").write_text(name + "\n")
     assert find_device(root, "ads1015").name == "iio:device1"
     assert find_device(root, "iio:device0").name == "iio:device0"
-    with pytest.raises(SensorError, match="set sensors.iio.device"):
+    with pytest.raises(SensorError, match=r"set sensors\.iio\.device"):
         find_device(root, "")
     with pytest.raises(SensorError, match="found: adxl345, ads1015"):
         find_device(root, "bmi160")
