@@ -340,6 +340,8 @@ step_venv() {
     local py extra stamp want
     py="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
     extra="$(runtime_extra "$py")"
+    # the bus sources of the board configs (docs/sensors.md): pure-Python wheels, ~2 MB
+    extra="${extra:+$extra,}serial,modbus"
     # What the venv should hold: python, runtime, and the exact agent sources (or wheel).
     if [ -n "$WHEEL" ]; then
         want="python=$py runtime=$extra wheel=$(sha256sum <"$WHEEL" | cut -c1-16)"
