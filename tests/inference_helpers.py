@@ -15,7 +15,8 @@ import numpy as np
 from edgeagent.core import config
 from edgeagent.core.live import LiveConfig, MemoryOutbox
 from edgeagent.core.tasks import cancel_and_wait
-from edgeagent.inference.pipeline import InferenceComponent, Scored
+from edgeagent.inference.component import InferenceComponent
+from edgeagent.inference.pipeline import Scored
 from edgeagent.inference.runtime import available_runtimes
 from edgeagent.sensors.sources import VibrationSimulator
 
