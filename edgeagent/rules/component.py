@@ -40,7 +40,8 @@ SECTIONS = ("inference", "mqtt")  # sections rules may read (cheap ones only)
 def collect_values(metrics: Mapping[str, Any], sections: Mapping[str, Mapping[str, Any]],
                    busy: bool, connected: bool, now: datetime) -> dict[str, Any]:
     """The names a condition can use: every scalar metric (`temp_c`), every scalar of the inference
-    and mqtt sections both as `inference.p95_ms` and, unless a metric has that name, `p95_ms`; and
+    and mqtt sections both as `inference.p95_ms` and, unless a metric has that name, `p95_ms`; each
+    pipeline's as `vibration.p95_ms` (with `[[pipelines]]` the flat names are the first one's); and
     device state `busy`, `connected`, `hour`, `minute`, `weekday` (0 = Monday, local time)."""
     out: dict[str, Any] = {k: v for k, v in metrics.items() if _scalar(v)}
     for section, table in sections.items():
@@ -48,6 +49,11 @@ def collect_values(metrics: Mapping[str, Any], sections: Mapping[str, Mapping[st
             if _scalar(v):
                 out[f"{section}.{k}"] = v
                 out.setdefault(k, v)
+        pipelines = table.get("pipelines")  # [[pipelines]]: each one's figures as `vibration.count`
+        for name, figures in (pipelines.items() if isinstance(pipelines, Mapping) else ()):
+            for k, v in (figures.items() if isinstance(figures, Mapping) else ()):
+                if _scalar(v):
+                    out[f"{name}.{k}"] = v
     out.update(busy=busy, connected=connected, hour=now.hour, minute=now.minute, weekday=now.weekday())
     return out
 
