@@ -64,38 +64,43 @@ class InferenceComponent:
                 await self._pipelines[name].__aexit__(exc_type, exc, tb)
 
     async def run(self) -> None:
-        """Every pipeline until all their sources end; rebuilt when the set of pipelines changes."""
-        while True:
-            await self._sync_pipelines()
-            current = tuple(self._pipelines)
-            isolate = len(current) > 1
-            tasks = [asyncio.create_task(self._supervise(p, isolate), name=f"inference:{p.name}")
-                     for p in self._pipelines.values()]
-            watch = asyncio.create_task(self._wait_names_change(current), name="inference:pipelines")
-            try:
-                pending = set(tasks)
-                while pending and not watch.done():
-                    done, pending = await asyncio.wait(pending | {watch}, return_when=asyncio.FIRST_COMPLETED)
-                    pending.discard(watch)
-                    for t in done:
-                        exc = None if t is watch else t.exception()
-                        if exc is not None:
-                            raise exc
-            finally:
-                await cancel_and_wait([*tasks, watch])
-            if watch.cancelled():
-                return  # every source ended
-            log.info("the set of pipelines changed: rebuilding", extra={"kv": {
-                "pipelines": ",".join(names(self.live.config))}})
+        """Every pipeline until all their sources end. When the set of pipelines changes (a live
+        config), the ones dropped are stopped and the ones added started; the others go on."""
+        tasks: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                await self._sync_pipelines(tasks)
+                for name, p in self._pipelines.items():
+                    if name not in tasks:
+                        tasks[name] = asyncio.create_task(self._supervise(p), name=f"inference:{name}")
+                running = {t for t in tasks.values() if not t.done()}
+                if not running:
+                    return  # every source ended
+                watch = asyncio.create_task(self._wait_names_change(tuple(self._pipelines)),
+                                            name="inference:pipelines")
+                try:
+                    done, _ = await asyncio.wait(running | {watch}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    await cancel_and_wait(watch)
+                for t in done - {watch}:
+                    t.result()  # a crash of the only pipeline goes to the agent's supervisor
+                if watch in done:
+                    log.info("the set of pipelines changed", extra={"kv": {
+                        "pipelines": ",".join(names(self.live.config))}})
+        finally:
+            await cancel_and_wait(list(tasks.values()))
 
     async def _wait_names_change(self, current: tuple[str, ...]) -> None:
         while names(self.live.config) == current:
             await self.live.changed.wait()
 
-    async def _sync_pipelines(self) -> None:
-        """Close pipelines the config dropped, open the ones it added (those kept keep their counters)."""
+    async def _sync_pipelines(self, tasks: dict[str, asyncio.Task[None]]) -> None:
+        """Stop and close pipelines the config dropped, open the ones it added."""
         wanted = names(self.live.config)
         for name in [n for n in self._pipelines if n not in wanted]:
+            task = tasks.pop(name, None)
+            if task is not None:
+                await cancel_and_wait(task)
             p = self._pipelines.pop(name)
             if name in self._entered:
                 self._entered.discard(name)
@@ -109,7 +114,7 @@ class InferenceComponent:
                 self._entered.add(name)
         self._pipelines = {n: self._pipelines[n] for n in wanted}
 
-    async def _supervise(self, p: Pipeline, isolate: bool) -> None:
+    async def _supervise(self, p: Pipeline) -> None:
         attempt = 0
         while True:
             try:
@@ -118,7 +123,7 @@ class InferenceComponent:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if not isolate:
+                if len(self._pipelines) < 2:
                     raise  # one pipeline: the agent's supervisor restarts the component, as always
                 attempt += 1
                 delay = backoff_s(attempt, RESTART_INITIAL_S, RESTART_MAX_S, jitter=0.2)
