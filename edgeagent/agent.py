@@ -106,7 +106,7 @@ def default_components(w: Wiring) -> list[Component]:
                 "telemetry": telemetry.section}
     inference = None
     if w.live.config.inference.enabled:  # a restart-only key; numpy + TFLite cost ~30 MiB, so only then
-        from edgeagent.inference.pipeline import InferenceComponent
+        from edgeagent.inference.component import InferenceComponent
 
         inference = InferenceComponent(w.live, w.outbox)
         components.append(inference)

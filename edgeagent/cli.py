@@ -25,6 +25,7 @@ from edgeagent.core.config_path import add_config_argument, resolve_config
 from edgeagent.core.errors import ConfigError, EdgeAgentError
 
 if TYPE_CHECKING:  # the runtime is imported lazily, per command
+    from edgeagent.core.config import Config
     from edgeagent.core.config_layers import EffectiveConfig
 
 # runtime modules with `add_parsers(sub: argparse._SubParsersAction) -> None`
@@ -42,6 +43,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         cfg = cfgmod.load(path)
+        _machine_check(cfg, path)
     except ConfigError as exc:
         return _config_errors(exc, path)
     print(f"{path}: OK")
@@ -81,6 +83,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:  # held until the agent has stopped
         try:
             effective = load_run_config(path)
+            _machine_check(effective.config, path)
         except ConfigError as exc:
             return _config_errors(exc, path)
         cfg = effective.config
@@ -89,6 +92,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return asyncio.run(run_agent(cfg, effective=effective))
     finally:
         lock.release()
+
+
+def _machine_check(cfg: Config, path: Path) -> None:
+    """ConfigError for what this board lacks (a delegate library): said before anything starts."""
+    from edgeagent.core.pipelines import machine_problems
+
+    problems = machine_problems(cfg)
+    if problems:
+        raise ConfigError(problems, str(path))
 
 
 def _config_errors(exc: ConfigError, path: Path) -> int:

@@ -153,7 +153,13 @@ def render(health: Mapping[str, Any], verdict: Assessment, now: float) -> str:
         since = f" since {_clock(mqtt['since'])}" if mqtt.get("since") else ""
         lines.append(f"{'mqtt':<16}{word}{since}")
     inference = _section(health, "inference")
-    lines.append(f"{'model':<16}{inference.get('model') or 'none'}")
+    pipelines = inference.get("pipelines")
+    if isinstance(pipelines, dict):  # [[pipelines]]: one line each
+        for name, p in pipelines.items():
+            model = p.get("model") if isinstance(p, dict) else None
+            lines.append(f"{'model ' + str(name):<16}{model or 'none'}")
+    else:
+        lines.append(f"{'model':<16}{inference.get('model') or 'none'}")
     firmware = _section(health, "firmware")
     if firmware:
         slot = f" (slot {firmware['slot']})" if firmware.get("slot") else ""

@@ -15,7 +15,8 @@ import numpy as np
 from edgeagent.core import config
 from edgeagent.core.live import LiveConfig, MemoryOutbox
 from edgeagent.core.tasks import cancel_and_wait
-from edgeagent.inference.pipeline import InferenceComponent, Scored
+from edgeagent.inference.component import InferenceComponent
+from edgeagent.inference.pipeline import Scored
 from edgeagent.inference.runtime import available_runtimes
 from edgeagent.sensors.sources import VibrationSimulator
 
@@ -103,11 +104,12 @@ def events(outbox: MemoryOutbox, kind: str | None = None) -> list[tuple[str, str
 class Harness:
     """Runs an InferenceComponent (entered, run() as a task) and records every served window."""
 
-    def __init__(self, cfg: config.Config, source: Any) -> None:
+    def __init__(self, cfg: config.Config, source: Any, *, sources: dict[str, Any] | None = None) -> None:
+        """`sources`: one per pipeline name ([[pipelines]]); `source` is the first pipeline's."""
         self.live = LiveConfig(cfg)
         self.outbox = MemoryOutbox()
         self.source = source
-        self.comp = InferenceComponent(self.live, self.outbox, source=source)
+        self.comp = InferenceComponent(self.live, self.outbox, source=source, sources=sources)
         self.results: list[Scored] = []
         self.comp.add_listener(self.results.append)
         self.task: asyncio.Task[None] | None = None

@@ -46,7 +46,7 @@ def _schema_keys(cls: type[typing.Any], prefix: str = "") -> set[str]:
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             keys |= _schema_keys(typing.cast(type[typing.Any], tp), f"{prefix}{key}.")
-        elif prefix.startswith("rules") or key == "rules":
+        elif prefix.startswith(("rules", "pipelines")) or key in ("rules", "pipelines"):
             continue
         else:
             keys.add(f"{prefix}{key}")

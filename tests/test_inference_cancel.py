@@ -72,7 +72,7 @@ async def agree(h: Harness, state: Path) -> str:
 async def cancel_install_at(h: Harness, staged: Path, version: str, k: int) -> tuple[bool, Phase | None]:
     """Install, cancelled at suspension k: (was it cancelled?, the swap phase at that moment)."""
     phase: list[Phase] = []
-    fsm = h.comp._installer.fsm  # the phase says what a cancel must undo
+    fsm = h.comp.first._installer.fsm  # the phase says what a cancel must undo
     step = CancelAtSuspension(h.comp.install(staged, NAME, version, f"job-{k}"), k,
                               lambda: phase.append(fsm.phase))
     task = asyncio.create_task(_run(step), name=f"test:install-{k}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.inference.pipeline import InferenceComponent
+from edgeagent.inference.component import InferenceComponent
 from edgeagent.ops.fleet.connect import BrokerUrl, connect_and_wait, make_client
 from edgeagent.ops.push import Pusher
 from edgeagent.updates import UpdatesComponent

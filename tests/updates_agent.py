@@ -74,7 +74,7 @@ def main() -> int:
             fake = FakeModels(a.fake_models, a.install_gate)
             out += [fake, UpdatesComponent(*link, fake.installer)]
         elif cfg.inference.enabled:
-            from edgeagent.inference.pipeline import InferenceComponent
+            from edgeagent.inference.component import InferenceComponent
 
             inference = InferenceComponent(w.live, w.outbox)
             w.sections.bind({"inference": inference.section})

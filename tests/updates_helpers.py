@@ -168,13 +168,14 @@ class FakeModelInstaller:
         self.block.set()
         self._versions_file = store / "versions.json"
 
-    def installed_version(self, name: str) -> str | None:
+    def installed_version(self, name: str, pipeline: str | None = None) -> str | None:
         try:
             return str(json.loads(self._versions_file.read_text())[name])
         except (OSError, ValueError, KeyError):
             return None
 
-    async def install(self, staged_dir: Path, name: str, version: str, job: str) -> None:
+    async def install(self, staged_dir: Path, name: str, version: str, job: str,
+                      pipeline: str | None = None) -> None:
         await self.block.wait()
         if self.fail == "reject":
             raise ModelRejected("input shape (1, 7) does not match the window")

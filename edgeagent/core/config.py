@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from edgeagent.core import actions
+from edgeagent.core import actions, pipelines
 from edgeagent.core.actions import Action
 from edgeagent.core.config_builder import ENV_RE, Builder, EnvStr, substitute_env
 from edgeagent.core.config_schema import (
@@ -38,6 +38,7 @@ from edgeagent.core.config_schema import (
     MonitorConfig,
     MqttConfig,
     MqttSensorConfig,
+    PipelineConfig,
     PowerSaveConfig,
     RemoteConfigConfig,
     RuleConfig,
@@ -63,7 +64,8 @@ __all__ = [
     "DEVICE_ID_RE", "DURATION_RE", "ENV_RE", "GATE_NAMES", "AgentConfig", "BusyConfig", "Config",
     "CsvSensorConfig", "DeviceConfig", "EnvStr", "FirmwareConfig", "GateConfig", "GatesConfig",
     "InferenceConfig", "LoggingConfig", "MonitorConfig", "MqttConfig", "MqttSensorConfig",
-    "PowerSaveConfig", "RemoteConfigConfig", "RuleConfig", "SensorsConfig", "SimulatedSensorConfig",
+    "PipelineConfig", "PowerSaveConfig", "RemoteConfigConfig", "RuleConfig", "SensorsConfig",
+    "SimulatedSensorConfig",
     "SpoolConfig", "SupportConfig", "TelemetryConfig", "TlsConfig", "UpdatesConfig", "WindowConfig", "build",
     "check_action", "default_device_id", "load", "merge_layers", "parse_action", "parse_duration_s",
     "read_toml", "substitute_env", "summary", "to_dict",
@@ -125,6 +127,7 @@ def _cross_checks(cfg: Config) -> list[str]:
     for i, r in enumerate(cfg.rules):
         if r.name and names.count(r.name) > 1 and names.index(r.name) != i:
             errors.append(f"rules[{i}].name: duplicate rule name {r.name!r}")
+    errors += pipelines.problems(cfg)
     for kind in ("model", "firmware"):
         gate: GateConfig = getattr(cfg.updates.gates, kind)
         for i, g in enumerate(gate.skippable):
@@ -178,7 +181,10 @@ def summary(cfg: Config) -> str:
         f"sensors     {cfg.sensors.source} @ {cfg.sensors.rate_hz:g} Hz  window={cfg.sensors.window.size}"
         f"/{cfg.sensors.window.stride}",
         f"inference   {'on' if i.enabled else 'off'}  model={i.model} ({i.model_variant})  "
-        f"runtime={i.runtime}  threads={i.num_threads}",
+        f"runtime={i.runtime}  threads={i.num_threads}"
+        f"{f'  budget={i.threads_budget}' if i.threads_budget else ''}"
+        f"{f'  delegate={i.delegate}' if i.delegate else ''}",
+        *_pipeline_lines(cfg),
         f"telemetry   every {t.interval_s:g}s  batch<={t.batch_max}  spool<={cfg.spool.max_mb:g} MB",
         f"updates     {'on' if cfg.updates.enabled else 'off'}  "
         f"keys={','.join(cfg.updates.trusted_keys) or '-'}"
@@ -187,6 +193,14 @@ def summary(cfg: Config) -> str:
         f"logging     {cfg.logging.level} ({cfg.logging.format})",
     ]
     return "\n".join(lines)
+
+
+def _pipeline_lines(cfg: Config) -> list[str]:
+    if not cfg.pipelines or not cfg.inference.enabled:
+        return []
+    return [f"pipeline    {p.name}: {p.sensors.source} @ {p.sensors.rate_hz:g} Hz  window="
+            f"{p.sensors.window.size}/{p.sensors.window.stride}  model={p.model} ({p.model_variant})  "
+            f"head={p.head}  threads={p.num_threads}" for p in pipelines.resolve(cfg)]
 
 
 # --------------------------------------------------------------------------- rule actions

@@ -17,6 +17,8 @@ from edgeagent.core.windows import parse_window
 
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 ACTION_CHECK = "action"  # RuleConfig.then items: resolved by the builder's named checks
+PIPELINE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}\Z")
+RESERVED_PIPELINE_NAMES = ("inference", "mqtt", "pipelines", "default")
 GATE_NAMES = ("battery", "load", "cpu", "memory", "disk", "temperature", "network", "window", "busy")
 
 
@@ -258,6 +260,8 @@ class InferenceConfig:
     model_variant: Literal["int8", "float"] = "int8"  # which shipped file seeds the store
     num_threads: int = field(default=1, metadata=_range(1, 64))
     delegate: str = ""  # e.g. "libedgetpu.so.1" for a Coral USB stick
+    # interpreter threads all pipelines share (0: no budget; each pipeline takes its num_threads)
+    threads_budget: int = field(default=0, metadata=_range(0, 256))
     queue_max: int = field(default=64, metadata=_range(1, 100_000))
     keep_versions: int = field(default=3, metadata=_range(1, 100))
     threshold: float | None = None  # default: the model's model.toml
@@ -268,6 +272,36 @@ class InferenceConfig:
     latency_budget_ms: float = field(default=50.0, metadata=_range(0.1, 60_000))
     probation_windows: int = field(default=50, metadata=_range(1, 1_000_000))
     cache_size: int = field(default=0, metadata=_range(0, 1_000_000))  # 0: result cache off
+
+
+def _pipeline_name_check(value: str) -> str | None:
+    if not PIPELINE_NAME_RE.match(value):
+        return (f"expected 1-32 letters, digits or '_', starting with a letter (rules read its figures as "
+                f"NAME.anomaly_rate_1m), got {value!r}")
+    if value in RESERVED_PIPELINE_NAMES:
+        return f"{value!r} is reserved (a section name rules read); pick another name"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    """One [[pipelines]] entry: a source, its windows, a model and how its output is read (head)."""
+
+    name: str = field(default="", metadata=_check(_pipeline_name_check, required=True))
+    source: SensorsConfig = SensorsConfig()  # the [sensors] table's shape
+    window: WindowConfig | None = None  # default: source.window
+    model: str = field(default="", metadata=_check(lambda v: None if v else "expected a model name",
+                                                   required=True))
+    model_variant: Literal["int8", "float"] = "int8"
+    # how the output is read; "auto": as the model's model.toml says (`output`)
+    head: Literal["auto", "classes", "autoencoder", "regression"] = "auto"
+    num_threads: int = field(default=0, metadata=_range(0, 64))  # 0: a share of inference.threads_budget
+    threshold: float | None = None  # default: calibrated (calibrate_windows), else the model's model.toml
+    clear_threshold: float | None = None
+    # autoencoder: learn the threshold from the first N windows (a healthy baseline), kept in the state dir
+    calibrate_windows: int = field(default=0, metadata=_range(0, 1_000_000))
+    calibrate_sigma: float = field(default=4.0, metadata=_range(0.1, 100))  # threshold = mean + k * std
+    unit: str = ""  # regression: the value's unit; default: the model's model.toml
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,6 +435,7 @@ class Config:
     monitor: MonitorConfig = MonitorConfig()
     sensors: SensorsConfig = SensorsConfig()
     inference: InferenceConfig = InferenceConfig()
+    pipelines: tuple[PipelineConfig, ...] = ()  # empty: one pipeline from [sensors] + [inference]
     telemetry: TelemetryConfig = TelemetryConfig()
     spool: SpoolConfig = SpoolConfig()
     updates: UpdatesConfig = UpdatesConfig()

@@ -20,7 +20,9 @@ from typing import Any, TypeVar
 from edgeagent.core.errors import ModelLoadError, ModelMetaError, ModelRejected, ModelRolledBack
 from edgeagent.core.fsutil import atomic_write_bytes
 from edgeagent.core.live import LiveConfig, Outbox
+from edgeagent.core.pipelines import PipelineSpec
 from edgeagent.core.tasks import cancel_and_wait
+from edgeagent.inference.heads import head_problem, make_slot
 from edgeagent.inference.preprocess import ModelMeta, WindowSpec
 from edgeagent.inference.runner import ModelSlot, Runner
 from edgeagent.inference.runtime import LoadedModel
@@ -69,10 +71,13 @@ class Serving:
 class Installer:
     """Performs swap decisions; one install (or automatic rollback) at a time."""
 
-    def __init__(self, live: LiveConfig, outbox: Outbox, serving: Serving) -> None:
+    def __init__(self, live: LiveConfig, outbox: Outbox, serving: Serving,
+                 spec: Callable[[], PipelineSpec]) -> None:
+        """`spec`: the pipeline's current settings (its model, head and interpreter threads)."""
         self.live = live
         self.outbox = outbox
         self.s = serving
+        self.spec = spec
         self.fsm = SwapMachine(ROLLBACK_STREAK)
         self._lock = asyncio.Lock()
         self._outcome: asyncio.Future[Commit | Rollback] | None = None
@@ -81,7 +86,7 @@ class Installer:
 
     def settings(self) -> LoadSettings:
         i = self.live.config.inference
-        return LoadSettings(i.runtime, i.num_threads, i.delegate)
+        return LoadSettings(i.runtime, self.spec().num_threads, i.delegate)
 
     # ------------------------------------------------------------------ decisions from the loop
     def opened(self, rec: ActiveRecord) -> None:
@@ -134,8 +139,10 @@ class Installer:
         cfg = self.live.config
         if not cfg.inference.enabled:
             raise ModelRejected("inference is disabled on this device (inference.enabled = false)")
-        if name != cfg.inference.model:
-            raise ModelRejected(f"this device serves model {cfg.inference.model!r}, not {name!r}")
+        spec = self.spec()
+        if name != spec.model:
+            where = "this device" if spec.legacy else f"pipeline {spec.name!r}"
+            raise ModelRejected(f"{where} serves model {spec.model!r}, not {name!r}")
         try:
             check_name("version", version)
         except ValueError as exc:
@@ -163,6 +170,9 @@ class Installer:
                 validate, vdir, name, version, settings=self.settings(), window=self.s.window,
                 current=current, recent=list(self.s.recent),
                 latency_budget_ms=cfg.inference.latency_budget_ms)
+            problem = head_problem(spec.head, checked.meta)
+            if problem is not None:
+                raise ModelRejected(f"{name}@{version}: {problem}")
             if not checked.declared:  # keep how it is read next to it, for restarts
                 src = store.version_dir(name, active.version) / META_FILE
                 if src.is_file():
@@ -176,7 +186,7 @@ class Installer:
             self.fsm.cancel()  # decided first: a second cancellation during the cleanup changes nothing
             await asyncio.to_thread(store.remove, name, version)
             raise
-        slot = ModelSlot(checked.model, f"{name}@{version}", checked.meta.preprocessor())
+        slot = make_slot(checked.model, f"{name}@{version}", checked.meta)
         await self._swap_with_probation(runner, slot, checked.meta, active, job, checked.report)
 
     async def _swap_with_probation(self, runner: Runner, slot: ModelSlot, meta: ModelMeta,
@@ -304,7 +314,7 @@ class Installer:
             return
         tag = f"{active.name}@{target}"
         self.s.metas[tag] = meta
-        await asyncio.wrap_future(runner.swap(ModelSlot(model, tag, meta.preprocessor())))
+        await asyncio.wrap_future(runner.swap(make_slot(model, tag, meta)))
         rec = await asyncio.to_thread(store.rollback, active.name, active.version)
         self.s.active = rec or ActiveRecord(active.name, target, ())
         self.s.metas.pop(active.tag, None)

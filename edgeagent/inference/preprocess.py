@@ -131,7 +131,10 @@ class ModelMeta:
     name: str
     version: str
     description: str
-    output: Literal["softmax", "score"]  # softmax: score = 1 - p[0] (class 0 healthy); score: out[0]
+    # softmax: score = 1 - p[0] (class 0 healthy); score: out[0]; reconstruction (an autoencoder): the
+    # model gives back its input features and the score is the mean squared error between the two
+    # (the runner's worker reduces the output to it); regression: out[0] is a value in `unit`
+    output: Literal["softmax", "score", "reconstruction", "regression"]
     labels: tuple[str, ...]
     threshold: float
     clear_threshold: float
@@ -143,9 +146,16 @@ class ModelMeta:
     num_threads: int = 1
     golden: tuple[Golden, ...] = ()
     golden_tolerance: float = 0.1
+    unit: str = ""  # regression: the unit of the value (e.g. "mm/s")
+
+    @property
+    def head(self) -> str:
+        """The pipeline head this output is read by: classes | autoencoder | regression."""
+        return {"reconstruction": "autoencoder", "regression": "regression"}.get(self.output, "classes")
 
     def score(self, output: npt.ArrayLike) -> float:
-        """Anomaly score in [0, 1] from the (dequantised) model output; NaN stays NaN for the caller."""
+        """Anomaly score from the (dequantised, finished) model output: in [0, 1] for classes, the
+        reconstruction error for an autoencoder, the value for a regression; NaN stays NaN."""
         out = np.asarray(output, dtype=np.float64).reshape(-1)
         return float(1.0 - out[0]) if self.output == "softmax" else float(out[0])
 
@@ -160,7 +170,9 @@ class ModelMeta:
 
 
 _TOP = {"name", "version", "description", "output", "labels", "threshold", "clear_threshold",
-        "input_shape", "output_shape", "golden_tolerance", "runtime", "window", "preprocess", "golden"}
+        "input_shape", "output_shape", "golden_tolerance", "runtime", "window", "preprocess", "golden",
+        "unit"}
+OUTPUTS = ("softmax", "score", "reconstruction", "regression")
 
 
 class _Reader:
@@ -217,15 +229,19 @@ def parse_model_meta(text: str, source: str = "model.toml") -> ModelMeta:
     name = r.get(doc, "name", str, "", "", required=True)
     version = r.get(doc, "version", str, "", "", required=True)
     output = r.get(doc, "output", str, "", "softmax")
-    if output not in ("softmax", "score"):
-        r.errors.append(f"output: expected \"softmax\" or \"score\", got {output!r}")
+    if output not in OUTPUTS:
+        r.errors.append(f"output: expected one of {', '.join(OUTPUTS)}, got {output!r}")
         output = "softmax"
+    unit = r.get(doc, "unit", str, "", "")
     labels = tuple(r.get(doc, "labels", list, "", ["healthy", "anomaly"]))
     if not labels or not all(isinstance(x, str) for x in labels):
         r.errors.append("labels: expected a non-empty list of strings")
     threshold = float(r.get(doc, "threshold", num, "", 0.5))
     clear = float(r.get(doc, "clear_threshold", num, "", threshold))
-    if not 0.0 <= clear <= threshold <= 1.0:
+    if output in ("reconstruction", "regression"):  # an error or a value: not a probability
+        if not (math.isfinite(threshold) and math.isfinite(clear) and clear <= threshold):
+            r.errors.append(f"clear_threshold: expected clear_threshold ({clear}) <= threshold ({threshold})")
+    elif not 0.0 <= clear <= threshold <= 1.0:
         r.errors.append(f"clear_threshold: expected 0 <= clear_threshold ({clear}) <= threshold "
                         f"({threshold}) <= 1")
     input_shape = _ints(r, doc.get("input_shape"), "input_shape")
@@ -270,6 +286,9 @@ def parse_model_meta(text: str, source: str = "model.toml") -> ModelMeta:
     n_out = math.prod(output_shape[1:]) if output_shape else 0
     if output == "softmax" and output_shape and n_out != len(labels):
         r.errors.append(f"labels: {len(labels)} labels for {n_out} softmax outputs")
+    if output == "reconstruction" and output_shape and n_out != features:
+        r.errors.append(f"output_shape: an autoencoder gives back its {features} input features, "
+                        f"not {n_out}")
 
     golden: list[Golden] = []
     tolerance = float(r.get(doc, "golden_tolerance", num, "", 0.1))
@@ -292,7 +311,7 @@ def parse_model_meta(text: str, source: str = "model.toml") -> ModelMeta:
                      output=output, labels=labels, threshold=threshold, clear_threshold=clear,
                      input_shape=input_shape, output_shape=output_shape, window=window,
                      preprocess=spec, runtimes=tuple(str(x) for x in runtimes), num_threads=num_threads,
-                     golden=tuple(golden), golden_tolerance=tolerance)
+                     golden=tuple(golden), golden_tolerance=tolerance, unit=unit)
 
 
 def load_model_meta(path: Path) -> ModelMeta:

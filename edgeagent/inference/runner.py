@@ -34,11 +34,13 @@ RATE_WINDOW_S = 10.0
 
 @dataclass(slots=True)
 class ModelSlot:
-    """What serves windows: an allocated model, its tag ("name@version") and its preprocessing."""
+    """What serves windows: an allocated model, its tag ("name@version"), its preprocessing and what
+    its head makes of (input, output) on the worker (an autoencoder: the reconstruction error)."""
 
     model: LoadedModel
     tag: str
     prepare: Callable[[Any], Array] | None = None
+    finish: Callable[[Any, Array], Array] | None = None  # (model input, first output) -> output
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +48,7 @@ class Result:
     seq: int
     ts: float
     tag: str  # the model that served this window
-    output: Array | None  # first output, float32, dequantised, flat; None on error
+    output: Array | None  # first output, float32, dequantised, flat (after the slot's finish); None on error
     error: str | None = None
     infer_s: float = 0.0  # set inputs (quantise) + invoke + read outputs (dequantise)
     total_s: float = 0.0  # queue wait + preprocessing + infer
@@ -306,6 +308,8 @@ class Runner:
                 outs = slot.model.infer(x)
                 infer_s = self._clock() - t_inf
                 output = outs[0].reshape(-1)
+                if slot.finish is not None:
+                    output = slot.finish(x, output)
                 if self._cache_size:
                     self._cache[key] = output
                     if len(self._cache) > self._cache_size:

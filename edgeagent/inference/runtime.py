@@ -8,7 +8,6 @@ A `LoadedModel` is not thread-safe: one thread at a time owns it (the runner's w
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import logging
 import re
@@ -22,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgeagent.core.errors import ModelLoadError, RuntimeUnavailable
+from edgeagent.core.pipelines import delegate_problem
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +120,9 @@ def _other(runtime: str) -> str:
 def _load_delegate(module: ModuleType, runtime: str, library: str) -> Any:
     # probe with ctypes first: load_delegate's own failure leaves a half-built object whose __del__
     # prints a traceback, and its message does not say what to do
-    try:
-        ctypes.CDLL(library)
-    except OSError as exc:
-        raise RuntimeUnavailable(f"delegate {library}", f"cannot be loaded ({exc}); install it (Coral: "
-                                 "libedgetpu1-std) or set inference.delegate = \"\"") from exc
+    problem = delegate_problem(library)
+    if problem is not None:
+        raise RuntimeUnavailable(f"delegate {library}", problem)
     try:
         return module.load_delegate(library)
     except (ValueError, OSError, RuntimeError) as exc:

@@ -6,6 +6,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from edgeagent.core.config import Config
+from edgeagent.inference.heads import Calibrated
 from edgeagent.inference.preprocess import ModelMeta
 from edgeagent.inference.runner import Result
 
@@ -23,6 +24,8 @@ class Scored:
     label: str | None
     anomaly: bool  # the hysteresis state after this window
     result: Result
+    pipeline: str = "default"
+    unit: str = ""  # a regression head's unit (then `score` is the value)
 
 
 class AnomalyState:
@@ -64,6 +67,13 @@ class AnomalyState:
 def thresholds(cfg: Config, meta: ModelMeta) -> tuple[float, float]:
     """(threshold, clear_threshold): config overrides the model's; clear never above threshold."""
     i = cfg.inference
-    thr = i.threshold if i.threshold is not None else meta.threshold
-    clear = i.clear_threshold if i.clear_threshold is not None else meta.clear_threshold
+    return pick_thresholds(i.threshold, i.clear_threshold, meta, None)
+
+
+def pick_thresholds(threshold: float | None, clear_threshold: float | None, meta: ModelMeta,
+                    calibrated: Calibrated | None) -> tuple[float, float]:
+    """Config first, then what the device calibrated, then the model's model.toml; clear <= threshold."""
+    base: Calibrated | ModelMeta = calibrated if calibrated is not None and threshold is None else meta
+    thr = threshold if threshold is not None else base.threshold
+    clear = clear_threshold if clear_threshold is not None else base.clear_threshold
     return thr, min(clear, thr)

@@ -95,6 +95,8 @@ def check_io(model: LoadedModel, meta: ModelMeta, declared: bool,
                         f"{list(out.signature)}")
     if meta.output == "softmax" and n_out != len(meta.labels):
         problems.append(f"output has {n_out} values for {len(meta.labels)} labels")
+    if meta.output == "reconstruction" and n_out != inp.size:
+        problems.append(f"an autoencoder gives back its {inp.size} input values; the output has {n_out}")
     if not declared and reference is not None and reference.output_shape \
             and _prod(reference.output_shape) != n_out:
         problems.append(f"output {list(out.signature)} differs from the running model's "

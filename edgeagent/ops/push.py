@@ -38,7 +38,7 @@ def build_manifest(path: Path, *, job: str, kind: str, name: str, version: str,
                    arch: list[str] | None = None, hardware: list[str] | None = None,
                    min_agent: str | None = None, critical: bool = False,
                    issued_at: float | None = None, devices: list[str] | None = None,
-                   groups: list[str] | None = None) -> dict[str, Any]:
+                   groups: list[str] | None = None, pipeline: str | None = None) -> dict[str, Any]:
     """An unsigned manifest for `path` (size, sha256 and per-chunk sha256 streamed from disk).
     ValueError for what every device would refuse (empty file, chunk size or count out of bounds),
     before a byte is read."""
@@ -80,6 +80,8 @@ def build_manifest(path: Path, *, job: str, kind: str, name: str, version: str,
         m["targets"] = targets
     if min_agent:
         m["min_agent"] = min_agent
+    if pipeline:
+        m["pipeline"] = pipeline
     return m
 
 
@@ -337,7 +339,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
                            chunk_size=args.chunk_kb * 1024, ttl_s=ttl, arch=args.arch or None,
                            hardware=args.hardware or None, min_agent=args.min_agent, critical=args.critical,
                            devices=[args.device] if args.device else None,
-                           groups=[args.group] if args.group else None)
+                           groups=[args.group] if args.group else None, pipeline=args.pipeline)
         signed = signing.sign(m, key, args.key_id)
         url = BrokerUrl.parse(args.broker, args.ca_file, args.cert_file, args.key_file)
         # a persistent session per job: a broker restart mid-push keeps our subscriptions (status,
@@ -409,6 +411,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                     help="only devices of this hardware (repeat for more)")
     ps.add_argument("--min-agent", metavar="VERSION",
                     help="only devices whose agent is at least this version")
+    ps.add_argument("--pipeline", metavar="NAME",
+                    help="a model for this pipeline (default: the device's pipeline serving --name)")
     ps.add_argument("--critical", action="store_true",
                     help="skip the gates the device lists as skippable (updates.gates.skippable)")
     ps.add_argument("file", type=Path, help="the .tflite model or firmware file")

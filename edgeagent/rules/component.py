@@ -40,7 +40,8 @@ SECTIONS = ("inference", "mqtt", "sensors")  # sections rules may read (cheap on
 def collect_values(metrics: Mapping[str, Any], sections: Mapping[str, Mapping[str, Any]],
                    busy: bool, connected: bool, now: datetime) -> dict[str, Any]:
     """The names a condition can use: every scalar metric (`temp_c`), every scalar of the inference
-    and mqtt sections both as `inference.p95_ms` and, unless a metric has that name, `p95_ms`; and
+    and mqtt sections both as `inference.p95_ms` and, unless a metric has that name, `p95_ms`; each
+    pipeline's as `vibration.p95_ms` (with `[[pipelines]]` the flat names are the first one's); and
     device state `busy`, `connected`, `hour`, `minute`, `weekday` (0 = Monday, local time). A bus
     source's channels are read by name (`temperature_c`, `sensors.temperature_c`) while it has a value."""
     out: dict[str, Any] = {k: v for k, v in metrics.items() if _scalar(v)}
@@ -49,6 +50,11 @@ def collect_values(metrics: Mapping[str, Any], sections: Mapping[str, Mapping[st
             if _scalar(v):
                 out[f"{section}.{k}"] = v
                 out.setdefault(k, v)
+        pipelines = table.get("pipelines")  # [[pipelines]]: each one's figures as `vibration.count`
+        for name, figures in (pipelines.items() if isinstance(pipelines, Mapping) else ()):
+            for k, v in (figures.items() if isinstance(figures, Mapping) else ()):
+                if _scalar(v):
+                    out[f"{name}.{k}"] = v
     channels = sections.get("sensors", {}).get("channels", {})
     for name, ch in channels.items() if isinstance(channels, Mapping) else ():
         value = ch.get("value") if isinstance(ch, Mapping) else None

@@ -34,7 +34,7 @@ DEFERRED_RETRY_S = 1.0  # while writes wait in memory (disk full), try the spool
 
 def status_payload(sections: dict[str, dict[str, Any]], device: DeviceConfig | None = None) -> dict[str, Any]:
     """The retained "online" status: model "name@version" and firmware {"version","slot"} if known,
-    the device's groups and hardware from its config."""
+    the device's groups and hardware from its config, and with several pipelines each one's model."""
     model = None
     spec = sections.get("inference", {}).get("model")
     if isinstance(spec, str) and spec:
@@ -44,9 +44,18 @@ def status_payload(sections: dict[str, dict[str, Any]], device: DeviceConfig | N
     fw = sections.get("firmware")
     if isinstance(fw, dict) and fw.get("version"):
         firmware = {"version": str(fw["version"]), "slot": str(fw.get("slot", ""))}
-    if device is None:
-        return status_online(model=model, firmware=firmware)
-    return status_online(model=model, firmware=firmware, groups=device.groups, hardware=device.hardware)
+    payload = (status_online(model=model, firmware=firmware) if device is None else
+               status_online(model=model, firmware=firmware, groups=device.groups, hardware=device.hardware))
+    pipelines = sections.get("inference", {}).get("pipelines")
+    if isinstance(pipelines, dict):  # [[pipelines]]: each one's model too (`model` is the first one's)
+        payload["pipelines"] = {name: _model_of(p.get("model")) for name, p in pipelines.items()
+                                if isinstance(p, dict)}
+    return payload
+
+
+def _model_of(tag: object) -> dict[str, str] | None:
+    name, _, version = str(tag or "").partition("@")
+    return {"name": name, "version": version} if name else None
 
 
 class TransportComponent:

@@ -207,14 +207,14 @@ class UpdatesComponent:
         return manifest.Checks(
             now=time.time(), device_id=cfg.device.id, groups=cfg.device.groups, arch=self.arch,
             hardware=cfg.device.hardware, agent_version=__version__,
-            installed_version=self.installed_version(m.kind, m.name),
+            installed_version=self.installed_version(m.kind, m.name, m.pipeline),
             newest_issued_at=self.journal.newest_issued.get(f"{m.kind}/{m.name}"),
             max_size=int(cfg.updates.max_artifact_mb * d.MB), max_chunk=int(cfg.updates.max_chunk_kb * 1024))
 
-    def installed_version(self, kind: str, name: str) -> str | None:
+    def installed_version(self, kind: str, name: str, pipeline: str | None = None) -> str | None:
         if kind == "model":
             inst = self.model_installer
-            return inst.installed_version(name) if inst is not None else None
+            return inst.installed_version(name, pipeline) if inst is not None else None
         recorded = self.journal.firmware.get("version")
         current = installed_firmware_version(self.live.config.updates.firmware, None)
         versions = [v for v in (current, recorded) if v]

@@ -26,6 +26,7 @@ KINDS = ("model", "firmware")
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 VERSION_RE = re.compile(r"^(\d{1,9})(?:\.(\d{1,9})){0,3}(?:-([A-Za-z0-9.]{1,32}))?\Z")
+PIPELINE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}\Z")  # core.config_schema.PIPELINE_NAME_RE
 SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 # JSON integers every signer's language reads exactly (and RFC 8785 can sign): beyond this a size or
 # a count could mean different numbers to the signer and to us
@@ -59,6 +60,7 @@ class Manifest:
     expires: float
     critical: bool
     key_id: str
+    pipeline: str | None  # which pipeline's model (a model update); None: the one serving `name`
     digest: str  # sha256 of the signed body (legacy form): identifies "the same manifest"
 
     def chunk_len(self, index: int) -> int:
@@ -193,13 +195,19 @@ def parse(msg: Mapping[str, Any]) -> Manifest:
     critical = msg.get("critical", False)
     if not isinstance(critical, bool):
         raise ManifestRejected("manifest: critical must be true or false", job)
+    pipeline = None
+    if "pipeline" in msg:
+        pipeline = _get(msg, "pipeline", str, "a string")
+        if not PIPELINE_RE.match(pipeline) or kind != "model":
+            raise ManifestRejected(f"manifest: pipeline {pipeline[:80]!r} must be a pipeline name (letters, "
+                                   "digits, '_') on a model update", job)
     sig = msg.get("sig")
     key_id = sig.get("key_id") if isinstance(sig, dict) else None
     return Manifest(job=job, kind=kind, name=name, version=version, size=size, sha256=sha,
                     chunk_size=chunk_size, chunks=chunks, arch=arch, hardware=hardware,
                     audience=who, chunk_sha256=chunk_sha, min_agent=min_agent, issued_at=issued_at,
                     expires=expires, critical=critical, key_id=key_id if isinstance(key_id, str) else "",
-                    digest=digest_of(msg))
+                    pipeline=pipeline, digest=digest_of(msg))
 
 
 def _sizes(msg: Mapping[str, Any], job: str) -> tuple[int, int, int]:

@@ -211,7 +211,7 @@ class Performer:
 
     # ------------------------------------------------------------------ install
     async def _install(self, job: Job) -> None:
-        installed = self.comp.installed_version(job.kind, job.name)
+        installed = self.comp.installed_version(job.kind, job.name, self._manifest(job).pipeline)
         decisions = d.decide(self.facts(job), d.InstallReady(installed))
         if await self._apply(job, decisions):
             return
@@ -241,7 +241,7 @@ class Performer:
             except (BundleRejected, OSError) as exc:
                 return d.InstallFailed(f"cannot stage the model: {exc}")
         try:
-            await asyncio.wait_for(inst.install(staged, job.name, job.version, job.job),
+            await asyncio.wait_for(inst.install(staged, job.name, job.version, job.job, m.pipeline),
                                    cfg.model_install_timeout_s)
         except ModelRejected as exc:
             return d.InstallFailed(f"model rejected: {exc.reason}")

@@ -9,12 +9,14 @@ from typing import Protocol
 class ModelInstaller(Protocol):
     """The inference component's side of a model update (the updates component calls it)."""
 
-    async def install(self, staged_dir: Path, name: str, version: str, job: str) -> None:
+    async def install(self, staged_dir: Path, name: str, version: str, job: str,
+                      pipeline: str | None = None) -> None:
         """Copy `staged_dir` (model.tflite + optional model.toml, already verified and extracted
         safely) into the model store, validate it in the background, hot-swap it and keep it on
         probation until it has served real windows. Returns when it is the active model and has
         served them; raises ModelRejected (never activated) or ModelRolledBack (failed in
-        probation, previous model active again), both carrying `.reason`."""
+        probation, previous model active again), both carrying `.reason`. `pipeline`: the manifest's,
+        which pipeline's model this replaces (None: the one serving `name`, else the first)."""
 
-    def installed_version(self, name: str) -> str | None:
-        """The active version of model `name`, or None."""
+    def installed_version(self, name: str, pipeline: str | None = None) -> str | None:
+        """The active version of model `name` (in `pipeline`, as for install), or None."""
