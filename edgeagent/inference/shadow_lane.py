@@ -1,0 +1,101 @@
+"""The shadow lane: a candidate interpreter fed the serving model's windows, at a lower priority.
+
+It lives on the pipeline runner's own worker thread (the inference thread budget is not exceeded):
+after each served window the runner offers the lane that window and the serving result; the lane
+keeps at most `queue_max` of them and runs the candidate on one only when the runner has no serving
+window or control message waiting. Under load the serving queue never empties, the lane's queue
+fills and the oldest offers are shed (counted). The serving path waits at most for one candidate
+invoke that had started while the runner was idle.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from edgeagent.core.shadow_spec import ShadowSpec
+from edgeagent.inference.preprocess import ModelMeta
+from edgeagent.inference.runner import Data, ModelSlot, Result
+from edgeagent.inference.shadow import Answer, ShadowTally
+
+QUEUE_MAX = 8
+
+
+def answer(meta: ModelMeta, output: Any, infer_s: float, ok: bool) -> Answer:
+    """A model's answer read with its own meta (its head decides what a class and a score are)."""
+    if not ok or output is None:
+        return Answer(None, float("nan"), infer_s, ok=False)
+    out = np.asarray(output, dtype=np.float64).reshape(-1)
+    label = int(np.argmax(out)) if meta.output == "softmax" else None
+    return Answer(label, meta.score(out), infer_s)
+
+
+class ShadowLane:
+    """One candidate beside one serving model; `offer` and `run_one` are called on the worker."""
+
+    def __init__(self, slot: ModelSlot, serving: ModelMeta, candidate: ModelMeta, spec: ShadowSpec, *,
+                 queue_max: int = QUEUE_MAX, on_change: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.slot = slot
+        self.serving_meta = serving
+        self.candidate_meta = candidate
+        self.tally = ShadowTally(spec, serving.output)
+        self._queue: deque[tuple[Data, Result]] = deque()
+        self._queue_max = queue_max
+        self._lock = threading.Lock()  # the tally is read from the event loop (figures)
+        self._on_change = on_change
+        self._clock = clock
+        self.done = threading.Event()
+
+    @property
+    def tag(self) -> str:
+        return self.slot.tag
+
+    def pending(self) -> bool:
+        return bool(self._queue) and not self.done.is_set()
+
+    def offer(self, data: Data, served: Result) -> None:
+        """A window the serving model just answered; the oldest waiting one is shed when full."""
+        if self.done.is_set() or not served.ok or served.tag == self.slot.tag:
+            return
+        with self._lock:
+            if len(self._queue) >= self._queue_max:
+                self._queue.popleft()
+                self.tally.shed_one()
+            self._queue.append((data, served))
+
+    def run_one(self) -> None:
+        """Run the candidate on the oldest waiting window and count the pair."""
+        with self._lock:
+            if not self._queue or self.done.is_set():
+                return
+            data, served = self._queue.popleft()
+        output: Any = None
+        infer_s = 0.0
+        try:
+            x = self.slot.prepare(data) if self.slot.prepare is not None else data
+            t0 = self._clock()
+            outs = self.slot.model.infer(x)
+            infer_s = self._clock() - t0
+            output = outs[0].reshape(-1)
+            ok = bool(np.isfinite(output).all())
+        except Exception:  # a failing candidate is a disagreement, never a crash of the worker
+            ok = False
+        serving = answer(self.serving_meta, served.output, served.infer_s, served.ok)
+        candidate = answer(self.candidate_meta, output, infer_s, ok)
+        with self._lock:
+            finished = self.tally.observe(serving, candidate)
+            if finished:
+                self._queue.clear()
+                self.done.set()
+        if self._on_change is not None:
+            self._on_change()
+
+    def figures(self) -> dict[str, Any]:
+        with self._lock:
+            return {"candidate": self.slot.tag, **self.tally.figures()}
