@@ -250,8 +250,8 @@ def run(tm: ModuleType, args: Any) -> int:
     print(f"\nhead {kind}, T = {args.temperature:g}{anneal}, alpha = {args.alpha:g}; held out: {n_eval} "
           f"seeds x {eval_windows} windows per run")
     print(table(figures))
-    verdict = (f"student/teacher int8 size {ratio:.3f} (<= {MAX_SIZE_RATIO}), accuracy "
-               f"{100 * drop:+.2f} points below the teacher (<= {100 * MAX_ACC_DROP:g})")
+    verdict = (f"student/teacher int8 size {ratio:.3f} (must be <= {MAX_SIZE_RATIO}), student accuracy "
+               f"{-100 * drop:+.2f} points vs the teacher (must be >= {-100 * MAX_ACC_DROP:g})")
     if ships and kind == "softmax":
         atomic_write_bytes(out_dir / "model.tflite", exports["student int8"])
         golden = tm.pick_goldens(tm.Runner(exports["student int8"]), held_out)

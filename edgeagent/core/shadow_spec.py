@@ -71,3 +71,12 @@ def parse_shadow(raw: object) -> ShadowSpec:
     shift = _number(raw, "max_score_shift", None, 0.0, MAX_SCORE_SHIFT)
     assert agreement is not None and ratio is not None and tolerance is not None
     return ShadowSpec(windows, agreement, ratio, tolerance, shift)
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowOutcome:
+    """What a shadow run concluded: promote (hot swap as any install) or not, and the figures."""
+
+    promote: bool
+    reason: str
+    figures: dict[str, Any]

@@ -21,7 +21,7 @@ import numpy as np
 from edgeagent.core.shadow_spec import ShadowSpec
 from edgeagent.inference.preprocess import ModelMeta
 from edgeagent.inference.runner import Data, ModelSlot, Result
-from edgeagent.inference.shadow import Answer, ShadowTally
+from edgeagent.inference.shadow import Answer, RejectCandidate, ShadowTally, Verdict
 
 QUEUE_MAX = 8
 
@@ -39,7 +39,7 @@ class ShadowLane:
     """One candidate beside one serving model; `offer` and `run_one` are called on the worker."""
 
     def __init__(self, slot: ModelSlot, serving: ModelMeta, candidate: ModelMeta, spec: ShadowSpec, *,
-                 queue_max: int = QUEUE_MAX, on_change: Callable[[], None] | None = None,
+                 queue_max: int = QUEUE_MAX, on_done: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.slot = slot
         self.serving_meta = serving
@@ -48,7 +48,7 @@ class ShadowLane:
         self._queue: deque[tuple[Data, Result]] = deque()
         self._queue_max = queue_max
         self._lock = threading.Lock()  # the tally is read from the event loop (figures)
-        self._on_change = on_change
+        self._on_done = on_done
         self._clock = clock
         self.done = threading.Event()
 
@@ -93,9 +93,17 @@ class ShadowLane:
             if finished:
                 self._queue.clear()
                 self.done.set()
-        if self._on_change is not None:
-            self._on_change()
+        if finished and self._on_done is not None:
+            self._on_done()
 
     def figures(self) -> dict[str, Any]:
         with self._lock:
             return {"candidate": self.slot.tag, **self.tally.figures()}
+
+    def verdict(self) -> Verdict | None:
+        with self._lock:
+            return self.tally.verdict()
+
+    def timed_out(self, elapsed_s: float) -> RejectCandidate:
+        with self._lock:
+            return self.tally.timed_out(elapsed_s)
