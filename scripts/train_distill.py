@@ -278,3 +278,39 @@ def table(figures: dict[str, dict[str, Any]]) -> str:
         lines.append(f"| {label} | {f['accuracy']:.4f} | {f['f1_anomaly']:.4f} | {f['size_bytes']} | "
                      f"{p50} | {p99} |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- shadow test fixture
+
+
+def make_shadow_fixture(tm: ModuleType, args: Any) -> int:
+    """tests/models/shadow/flipped/: a student-sized int8 classifier trained on labels shifted by one
+    class (healthy -> imbalance -> bearing -> spikes -> healthy): it loads, validates and serves
+    finite outputs, and disagrees with the shipped model on nearly every window (the shadow
+    evaluation test's rejected candidate)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from edgeagent.core.fsutil import atomic_write_bytes, atomic_write_text
+    from edgeagent.inference.preprocess import load_model_meta
+
+    tf.keras.utils.set_random_seed(args.seed)
+    tf.config.experimental.enable_op_determinism()
+    rng = np.random.default_rng(args.seed)
+    x_train, y_train = tm.dataset(range(0, 12), 40, rng)
+    flipped = (y_train + 1) % len(tm.LABELS)
+    model = dense_stack(tf, x_train, STUDENT_HIDDEN, len(tm.LABELS), "flipped")
+    model.compile(optimizer=tf.keras.optimizers.Adam(1e-3),
+                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x_train, flipped, epochs=8, batch_size=64, verbose=0, shuffle=True)
+    rep = x_train[rng.choice(len(x_train), 500, replace=False)]
+    out = args.out or (tm.FIXTURE_DIR / "shadow" / "flipped")
+    out.mkdir(parents=True, exist_ok=True)
+    blob = tm.export(with_softmax(tf, model), rep)
+    atomic_write_bytes(out / "model.tflite", blob)
+    toml = tm.model_toml([]).replace('description = "', 'description = "TEST FIXTURE, labels shifted by '
+                                     'one class: ')
+    atomic_write_text(out / "model.toml", toml)
+    load_model_meta(out / "model.toml")
+    print(f"wrote {out}/model.tflite ({len(blob)} bytes) + model.toml")
+    return 0
