@@ -13,7 +13,14 @@ from edgeagent.core.shadow_spec import MAX_WINDOWS, ShadowSpec, ShadowSpecError,
 from edgeagent.inference.preprocess import load_model_meta
 from edgeagent.inference.runner import ModelSlot, Result, Runner
 from edgeagent.inference.runtime import load_interpreter
-from edgeagent.inference.shadow import Answer, Promote, RejectCandidate, ShadowTally, comparator_for, ks_statistic
+from edgeagent.inference.shadow import (
+    Answer,
+    Promote,
+    RejectCandidate,
+    ShadowTally,
+    comparator_for,
+    ks_statistic,
+)
 from edgeagent.inference.shadow_lane import ShadowLane
 from edgeagent.sensors.sources import VibrationSimulator, Windower
 from edgeagent.updates import manifest
@@ -163,7 +170,8 @@ class Sink:
             self.results.append(r)
 
 
-def run_serving(wins: list[np.ndarray], lane: ShadowLane | None, backlog: bool = False) -> tuple[Runner, Sink]:
+def run_serving(wins: list[np.ndarray], lane: ShadowLane | None,
+                backlog: bool = False) -> tuple[Runner, Sink]:
     """One window at a time (the worker idles between them), or all queued before the worker starts
     (a backlog: the serving queue stays non-empty until the last window)."""
     slot, _ = served(str(SHIPPED / "model.tflite"), "m@1.0.0")

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from edgeagent.core import signing
 from edgeagent.inference.pipeline import InferenceComponent
 from edgeagent.ops.fleet.connect import BrokerUrl, connect_and_wait, make_client
 from edgeagent.ops.push import Pusher, PushResult
@@ -21,7 +22,7 @@ from edgeagent.updates import UpdatesComponent
 from tests import rig
 from tests.broker import Broker
 from tests.inference_helpers import MODELS, RUNTIMES, SHIPPED, ScriptedSource
-from tests.updates_helpers import StatusWatcher, make_config, make_keys, running, signed
+from tests.updates_helpers import KEY_ID, StatusWatcher, make_config, make_keys, running, signed
 from tests.util import async_wait_until, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not RUNTIMES, reason="no TFLite runtime")]
@@ -78,8 +79,6 @@ def setup(tmp_path: Path, broker: Broker, candidate: tuple[Path, Path], shadow: 
     msg = signed(art, key, job=job, version="2.0.0", chunk_size=16 * 1024)
     msg_unsigned = {k: v for k, v in msg.items() if k != "sig"}
     msg_unsigned["shadow"] = shadow
-    from edgeagent.core import signing
-    from tests.updates_helpers import KEY_ID
     return cfg, art, signing.sign(msg_unsigned, key, KEY_ID)
 
 
@@ -97,7 +96,8 @@ async def serve(cfg: Any, src: ScriptedSource, until: Any,
     return inference
 
 
-def test_a_candidate_like_the_serving_model_is_promoted_after_n_windows(tmp_path: Path, broker: Broker) -> None:
+def test_a_candidate_like_the_serving_model_is_promoted_after_n_windows(tmp_path: Path,
+                                                                        broker: Broker) -> None:
     cfg, art, msg = setup(tmp_path, broker, (SHIPPED / "model_float.tflite", SHIPPED / "model.toml"),
                           {"windows": 200, "min_agreement": 0.95, "max_p99_ratio": LENIENT_P99}, "sh-ok")
     watcher = StatusWatcher(broker.port)
@@ -162,7 +162,8 @@ def test_a_candidate_trained_on_shifted_labels_is_rejected_with_its_agreement(tm
     assert [r.seq for r in results] == list(range(len(results)))
 
 
-def test_a_restart_during_shadowing_restarts_the_run_and_keeps_the_job(tmp_path: Path, broker: Broker) -> None:
+def test_a_restart_during_shadowing_restarts_the_run_and_keeps_the_job(tmp_path: Path,
+                                                                       broker: Broker) -> None:
     cfg, art, msg = setup(tmp_path, broker, (SHIPPED / "model_float.tflite", SHIPPED / "model.toml"),
                           {"windows": 400, "min_agreement": 0.9, "max_p99_ratio": LENIENT_P99}, "sh-rs")
     watcher = StatusWatcher(broker.port)

@@ -33,7 +33,8 @@ def test_a_shadow_manifest_shadows_before_it_installs_and_a_plain_one_installs()
 def test_shadow_outcomes() -> None:
     job = at("shadowing")
     assert one(job, d.ShadowDone(True, "shadow passed")) == d.Promote("shadow passed")
-    assert one(job, d.ShadowDone(False, "agreement 0.100 (min 0.95)")) == d.Reject("agreement 0.100 (min 0.95)")
+    low = "agreement 0.100 (min 0.95)"
+    assert one(job, d.ShadowDone(False, low)) == d.Reject(low)
     assert one(job, d.ShadowDone(False, "model rejected: x", failed=True)) == d.Finish("failed",
                                                                                         "model rejected: x")
     # promoted: the job is 'installing' now and installs as any model (not a second shadow run)
