@@ -78,7 +78,8 @@ def shadow_bench(shipped: Path, runtime: str, windows: list[Any], rounds: int,
         runner.stop(drain=False)
     st = runner.stats()
     f = lane.figures()
-    out: dict[str, Any] = {"runtime": runtime, "rate_hz": RATE_HZ, "rounds": rounds, "seconds_per_round": seconds,
+    out: dict[str, Any] = {"runtime": runtime, "rate_hz": RATE_HZ, "rounds": rounds,
+                           "seconds_per_round": seconds,
                            "dropped": st.dropped, "shadow_compared": f["compared"], "shadow_shed": f["shed"],
                            "shadow_agreement": f["agreement"]}
     for side, v in sides.items():
