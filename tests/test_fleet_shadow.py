@@ -12,8 +12,8 @@ from edgeagent.ops.fleet.watch import device_row, plain_table, table
 
 T0 = 1_800_000_000.0
 FIGURES = {"candidate": "m@2.0.0", "windows": 500, "compared": 120, "agreement": 0.9917, "shed": 3,
-           "min_agreement": 0.95, "p99_ratio": 1.02, "score_shift": -0.003, "score_ks": 0.04, "note": "x" * 5000,
-           "progress": 0.24}
+           "min_agreement": 0.95, "p99_ratio": 1.02, "score_shift": -0.003, "score_ks": 0.04,
+           "note": "x" * 5000, "progress": 0.24}
 
 
 def job(state: str, reason: str, shadow: dict[str, object] | None, ts: float) -> bytes:
