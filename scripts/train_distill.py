@@ -27,7 +27,7 @@ from typing import Any
 
 TEACHER_HIDDEN = (256, 128, 64)
 STUDENT_HIDDEN = (32, 16)  # the shipped model's shape: the student is a drop-in replacement
-AE_TEACHER = (64, 16, 64)
+AE_TEACHER = (256, 64, 256)
 AE_STUDENT = (16, 4, 16)
 MAX_SIZE_RATIO = 0.25
 MAX_ACC_DROP = 0.02
@@ -246,9 +246,10 @@ def run(tm: ModuleType, args: Any) -> int:
     ratio = student_fig["size_bytes"] / teacher_fig["size_bytes"]
     drop = teacher_fig["accuracy"] - student_fig["accuracy"]
     ships = ratio <= MAX_SIZE_RATIO and drop <= MAX_ACC_DROP
-    anneal = ", annealed to 1" if args.anneal and kind == "softmax" else ""
-    print(f"\nhead {kind}, T = {args.temperature:g}{anneal}, alpha = {args.alpha:g}; held out: {n_eval} "
-          f"seeds x {eval_windows} windows per run")
+    anneal = ", annealed to 1" if args.anneal else ""
+    target_note = f"T = {args.temperature:g}{anneal}" if kind == "softmax" else "soft target = teacher output"
+    print(f"\nhead {kind}, {target_note}, alpha = {args.alpha:g}; held out: {n_eval} seeds x {eval_windows} "
+          f"windows per run")
     print(table(figures))
     verdict = (f"student/teacher int8 size {ratio:.3f} (must be <= {MAX_SIZE_RATIO}), student accuracy "
                f"{-100 * drop:+.2f} points vs the teacher (must be >= {-100 * MAX_ACC_DROP:g})")

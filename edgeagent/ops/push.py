@@ -309,11 +309,11 @@ def _cmd_sign(args: argparse.Namespace) -> int:
 
 def shadow_arg(text: str) -> dict[str, Any]:
     """argparse type of push's --shadow N[:AGREEMENT] (the manifest's `shadow` object)."""
-    windows, _, agreement = text.partition(":")
+    windows, sep, agreement = text.partition(":")
     raw: dict[str, Any] = {}
     try:
         raw["windows"] = int(windows)
-        if agreement:
+        if sep:
             raw["min_agreement"] = float(agreement)
         return parse_shadow(raw).as_dict()
     except (ValueError, ShadowSpecError) as exc:
