@@ -234,3 +234,13 @@ def test_under_load_shadow_windows_are_shed_and_counted_serving_windows_are_not(
     assert [r.seq for r in sink.results] == list(range(len(wins)))
     f = lane.figures()
     assert f["compared"] == 4 and f["shed"] == len(wins) - 4, f
+
+
+@pytest.mark.skipif(not RUNTIMES, reason="no TFLite runtime")
+def test_while_the_device_saves_power_every_shadow_window_is_shed() -> None:
+    lane = make_lane(str(SHIPPED / "model_float.tflite"), SHIPPED, ShadowSpec(windows=10_000))
+    lane.paused = True
+    wins = windows(30)
+    runner, sink = run_serving(wins, lane)
+    assert runner.stats().dropped == 0 and len(sink.results) == len(wins)
+    assert lane.figures()["shed"] == len(wins) and lane.figures()["compared"] == 0

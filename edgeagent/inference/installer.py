@@ -236,6 +236,7 @@ class Installer:
                         fed.attach_lane(None)
                         fed = self.s.runner
                         fed.attach_lane(lane)
+                    lane.paused = self.live.factor("inference") > 1.0  # power save: shadow goes first
                     verdict = lane.verdict()
                     elapsed = loop.time() - started
                     if verdict is None and elapsed >= timeout_s:

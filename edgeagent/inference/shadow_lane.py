@@ -4,8 +4,9 @@ It lives on the pipeline runner's own worker thread (the inference thread budget
 after each served window the runner offers the lane that window and the serving result; the lane
 keeps at most `queue_max` of them and runs the candidate on one only when the runner has no serving
 window or control message waiting. Under load the serving queue never empties, the lane's queue
-fills and the oldest offers are shed (counted). The serving path waits at most for one candidate
-invoke that had started while the runner was idle.
+fills and the oldest offers are shed (counted). While the device saves power (a rule's power_save
+slows inference down) the lane is `paused`: every offer is shed at once. The serving path waits at
+most for one candidate invoke that had started while the runner was idle.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class ShadowLane:
         self._on_done = on_done
         self._clock = clock
         self.done = threading.Event()
+        self.paused = False  # set from the event loop: shed every offer (the device is under pressure)
 
     @property
     def tag(self) -> str:
@@ -64,6 +66,9 @@ class ShadowLane:
         if self.done.is_set() or not served.ok or served.tag == self.slot.tag:
             return
         with self._lock:
+            if self.paused:
+                self.tally.shed_one()
+                return
             if len(self._queue) >= self._queue_max:
                 self._queue.popleft()
                 self.tally.shed_one()
