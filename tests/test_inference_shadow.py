@@ -172,8 +172,8 @@ class Sink:
 
 def run_serving(wins: list[np.ndarray], lane: ShadowLane | None,
                 backlog: bool = False) -> tuple[Runner, Sink]:
-    """One window at a time (the worker idles between them), or all queued before the worker starts
-    (a backlog: the serving queue stays non-empty until the last window)."""
+    """One window at a time (the worker idles between them) until the lane is done, or all queued
+    before the worker starts (a backlog: the serving queue stays non-empty until the last window)."""
     slot, _ = served(str(SHIPPED / "model.tflite"), "m@1.0.0")
     sink = Sink()
     runner = Runner(slot, sink, queue_max=len(wins))
@@ -184,6 +184,8 @@ def run_serving(wins: list[np.ndarray], lane: ShadowLane | None,
     runner.start()
     if not backlog:
         for i, w in enumerate(wins):
+            if lane is not None and lane.done.is_set():
+                break
             runner.submit(i, 0.0, w)
             assert runner.wait_idle(30.0)
     assert runner.wait_idle(30.0)
@@ -199,16 +201,17 @@ def make_lane(path: str, meta_dir: object, spec: ShadowSpec, queue_max: int = 8)
 
 @pytest.mark.skipif(not RUNTIMES, reason="no TFLite runtime")
 def test_the_lane_sees_the_served_windows_and_serving_results_are_unchanged() -> None:
-    wins = windows(120)
-    _, alone = run_serving(wins, None)
+    wins = windows(600)  # enough for 100 comparisons even if a loaded machine makes some shed
     lane = make_lane(str(SHIPPED / "model_float.tflite"), SHIPPED, ShadowSpec(windows=100))
     _, shadowed = run_serving(wins, lane)
-    assert [r.seq for r in shadowed.results] == list(range(120))
+    n = len(shadowed.results)
+    _, alone = run_serving(wins[:n], None)
+    assert [r.seq for r in shadowed.results] == list(range(n))
     for a, b in zip(alone.results, shadowed.results, strict=True):  # the serving answers are untouched
         assert a.tag == b.tag == "m@1.0.0" and np.array_equal(a.output, b.output)  # type: ignore[arg-type]
     assert lane.done.is_set()
     f = lane.figures()
-    assert f["compared"] == 100 and f["shed"] == 0 and f["candidate"] == "m@2.0.0"
+    assert f["compared"] == 100 and f["compared"] + f["shed"] == n and f["candidate"] == "m@2.0.0"
     assert f["agreement"] >= 0.95, f  # int8 and float32 of the same network
     assert isinstance(lane.verdict(), Promote)
 
@@ -216,7 +219,7 @@ def test_the_lane_sees_the_served_windows_and_serving_results_are_unchanged() ->
 @pytest.mark.skipif(not RUNTIMES, reason="no TFLite runtime")
 def test_a_candidate_trained_on_shifted_labels_disagrees() -> None:
     lane = make_lane(str(FLIPPED / "model.tflite"), FLIPPED, ShadowSpec(windows=50))
-    run_serving(windows(60), lane)
+    run_serving(windows(600), lane)
     v = lane.verdict()
     assert isinstance(v, RejectCandidate), lane.figures()
     assert v.figures["agreement"] < 0.5 and f"agreement {v.figures['agreement']:.3f}" in v.reason
@@ -233,7 +236,33 @@ def test_under_load_shadow_windows_are_shed_and_counted_serving_windows_are_not(
     assert st.dropped == 0 and st.count == len(wins) == len(sink.results)
     assert [r.seq for r in sink.results] == list(range(len(wins)))
     f = lane.figures()
-    assert f["compared"] == 4 and f["shed"] == len(wins) - 4, f
+    assert f["compared"] <= 4 and f["shed"] == len(wins) - f["compared"], f  # late windows shed too
+
+
+@pytest.mark.skipif(not RUNTIMES, reason="no TFLite runtime")
+def test_a_late_serving_window_sheds_its_offer_and_the_next_ones() -> None:
+    """CPU pressure shows as a serving window far slower than typical: the candidate backs off."""
+    from edgeagent.inference.shadow_lane import COOLDOWN_OFFERS
+
+    lane = make_lane(str(SHIPPED / "model_float.tflite"), SHIPPED, ShadowSpec(windows=10_000), queue_max=1000)
+    out = np.zeros(4, dtype=np.float32)
+    out[0] = 1.0
+
+    def result(seq: int, total_s: float) -> Result:
+        return Result(seq, 0.0, "m@1.0.0", out, None, 1e-4, total_s)
+
+    data = windows(1)[0]
+    for i in range(20):
+        lane.offer(data, result(i, 0.0003))
+    assert lane.figures()["shed"] == 0
+    lane.offer(data, result(20, 0.010))  # 10 ms: late
+    for i in range(COOLDOWN_OFFERS):
+        lane.offer(data, result(21 + i, 0.0003))
+    assert lane.figures()["shed"] == 1 + COOLDOWN_OFFERS
+    lane.offer(data, result(99, 0.0003))
+    assert lane.figures()["shed"] == 1 + COOLDOWN_OFFERS  # pressure over: offered again
+    lane.offer(data, result(100, 0.0015))  # 5x typical but under LATE_MIN_S: noise, not pressure
+    assert lane.figures()["shed"] == 1 + COOLDOWN_OFFERS
 
 
 @pytest.mark.skipif(not RUNTIMES, reason="no TFLite runtime")

@@ -4,9 +4,11 @@ It lives on the pipeline runner's own worker thread (the inference thread budget
 after each served window the runner offers the lane that window and the serving result; the lane
 keeps at most `queue_max` of them and runs the candidate on one only when the runner has no serving
 window or control message waiting. Under load the serving queue never empties, the lane's queue
-fills and the oldest offers are shed (counted). While the device saves power (a rule's power_save
-slows inference down) the lane is `paused`: every offer is shed at once. The serving path waits at
-most for one candidate invoke that had started while the runner was idle.
+fills and the oldest offers are shed (counted). CPU pressure shows as serving windows that come
+back late (submit -> result well above its running typical value): such a window's offer is shed
+and so are the next COOLDOWN_OFFERS, so the candidate does not compete for a contended CPU. While the
+device saves power (a rule's power_save slows inference down) the lane is `paused`: every offer is
+shed. The serving path waits at most for one candidate invoke that had started while idle.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from edgeagent.inference.runner import Data, ModelSlot, Result
 from edgeagent.inference.shadow import Answer, RejectCandidate, ShadowTally, Verdict
 
 QUEUE_MAX = 8
+LATE_FACTOR = 3.0  # a served window this many times slower than typical signals CPU pressure ...
+LATE_MIN_S = 0.002  # ... and at least this slow (a few hundred microseconds are only noise)
+COOLDOWN_OFFERS = 32  # offers shed after a late window
+TYPICAL_WEIGHT = 0.05  # EWMA weight of the typical submit -> result time
 
 
 def answer(meta: ModelMeta, output: Any, infer_s: float, ok: bool) -> Answer:
@@ -53,6 +59,8 @@ class ShadowLane:
         self._clock = clock
         self.done = threading.Event()
         self.paused = False  # set from the event loop: shed every offer (the device is under pressure)
+        self._typical_s: float | None = None  # EWMA of served windows' submit -> result time
+        self._cooldown = 0
 
     @property
     def tag(self) -> str:
@@ -65,14 +73,28 @@ class ShadowLane:
         """A window the serving model just answered; the oldest waiting one is shed when full."""
         if self.done.is_set() or not served.ok or served.tag == self.slot.tag:
             return
+        late = self._late(served.total_s)
         with self._lock:
-            if self.paused:
+            if late:
+                self._cooldown = COOLDOWN_OFFERS
+            if self.paused or late or self._cooldown > 0:
+                self._cooldown = max(0, self._cooldown - (0 if late else 1))
                 self.tally.shed_one()
                 return
             if len(self._queue) >= self._queue_max:
                 self._queue.popleft()
                 self.tally.shed_one()
             self._queue.append((data, served))
+
+    def _late(self, total_s: float) -> bool:
+        """Was this serving window late (CPU pressure or a backlog)? Updates the typical time; a late
+        window moves it by at most 4x the typical, so one stall does not hide the next."""
+        typical = self._typical_s
+        if typical is None:
+            self._typical_s = total_s
+            return False
+        self._typical_s = typical + TYPICAL_WEIGHT * (min(total_s, 4.0 * typical) - typical)
+        return total_s > max(LATE_MIN_S, LATE_FACTOR * typical)
 
     def run_one(self) -> None:
         """Run the candidate on the oldest waiting window and count the pair."""
