@@ -182,7 +182,7 @@ def test_piped_fleet_table_is_plain_and_never_cut() -> None:
     assert long_id in text and "…" not in text and "\x1b[" not in text
     header = next(line for line in text.splitlines() if line.startswith("device"))
     assert header.split() == ["device", "state", "seen", "cpu%", "mem%", "temp", "model", "p95", "ms",
-                              "anom", "gaps", "update", "trouble"]
+                              "anom", "gaps", "update", "shadow", "trouble"]
     row = next(line for line in text.splitlines() if line.startswith(long_id))
     assert row.split()[1] == "online" and len(row) > 130
 

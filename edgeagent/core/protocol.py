@@ -19,7 +19,7 @@ EVENT_KINDS = ("anomaly", "rule", "update", "config", "error", "support", "senso
 SEVERITIES = ("info", "warning", "critical")
 JOB_STATES = (
     "received", "rejected", "downloading", "verified", "deferred", "installing", "rebooting",
-    "health_check", "succeeded", "failed", "rolled_back", "cancelled",
+    "health_check", "succeeded", "failed", "rolled_back", "cancelled", "shadowing",
 )
 FINAL_JOB_STATES = frozenset({"rejected", "succeeded", "failed", "rolled_back", "cancelled"})
 CONFIG_STATES = ("applied", "rejected", "rolled_back")
@@ -145,7 +145,7 @@ def event(device: str, seq: int, kind: str, severity: str, message: str,
 
 def job_status(job: str, kind: str, name: str, version: str, state: str, reason: str = "",
                progress: float = 0.0, next_try: float | None = None,
-               ts: float | None = None) -> dict[str, Any]:
+               ts: float | None = None, shadow: dict[str, Any] | None = None) -> dict[str, Any]:
     if state not in JOB_STATES:
         raise ValueError(f"unknown job state {state!r}")
     payload: dict[str, Any] = {"v": 1, "job": job, "kind": kind, "name": name, "version": version,
@@ -153,6 +153,8 @@ def job_status(job: str, kind: str, name: str, version: str, state: str, reason:
                                "ts": ts if ts is not None else time.time()}
     if next_try is not None:
         payload["next_try"] = next_try
+    if shadow is not None:  # the figures of a shadow evaluation (running or finished)
+        payload["shadow"] = shadow
     return payload
 
 

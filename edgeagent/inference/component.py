@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -20,6 +20,7 @@ from edgeagent.core.backoff import backoff_s
 from edgeagent.core.errors import ModelRejected
 from edgeagent.core.live import LiveConfig, Outbox
 from edgeagent.core.pipelines import names, resolve
+from edgeagent.core.shadow_spec import ShadowOutcome, ShadowSpec
 from edgeagent.core.tasks import cancel_and_wait
 from edgeagent.inference.pipeline import Listener, Pipeline
 from edgeagent.inference.preprocess import WindowSpec
@@ -209,3 +210,8 @@ class InferenceComponent:
                       pipeline: str | None = None) -> None:
         """Store, validate, hot-swap and prove a model in the targeted pipeline only."""
         await self.target(name, pipeline).install(Path(staged_dir), name, version, job)
+
+    async def shadow(self, staged_dir: Path, name: str, version: str, job: str, spec: ShadowSpec,
+                     report: Callable[[dict[str, Any]], None], pipeline: str | None = None) -> ShadowOutcome:
+        """Judge a candidate beside the serving model of the targeted pipeline (nothing swapped)."""
+        return await self.target(name, pipeline).shadow(Path(staged_dir), name, version, job, spec, report)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -21,11 +22,14 @@ from edgeagent.core.errors import ModelLoadError, ModelMetaError, ModelRejected,
 from edgeagent.core.fsutil import atomic_write_bytes
 from edgeagent.core.live import LiveConfig, Outbox
 from edgeagent.core.pipelines import PipelineSpec
-from edgeagent.core.tasks import cancel_and_wait
+from edgeagent.core.shadow_spec import ShadowOutcome, ShadowSpec
+from edgeagent.core.tasks import cancel_and_wait, wait_event
 from edgeagent.inference.heads import head_problem, make_slot
 from edgeagent.inference.preprocess import ModelMeta, WindowSpec
 from edgeagent.inference.runner import ModelSlot, Runner
 from edgeagent.inference.runtime import LoadedModel
+from edgeagent.inference.shadow import Promote
+from edgeagent.inference.shadow_lane import ShadowLane
 from edgeagent.inference.store import META_FILE, ActiveRecord, ModelStore, check_name
 from edgeagent.inference.swap import LoadSettings, load_served, validate
 from edgeagent.inference.swap_fsm import (
@@ -49,6 +53,9 @@ T = TypeVar("T")
 RECENT_WINDOWS = 16  # real windows kept to validate a candidate on
 ROLLBACK_STREAK = 3  # consecutive failing results of an active (post-probation) model -> roll back
 READY_TIMEOUT_S = 30.0  # an install waits this long for the pipeline to be serving
+SHADOW_REPORT_S = 1.0  # shadow figures reported this often
+SHADOW_MIN_TIMEOUT_S = 60.0
+SHADOW_TIMEOUT_FACTOR = 20.0  # a shadow run may take this many times its windows' nominal duration
 
 
 class Serving:
@@ -83,6 +90,7 @@ class Installer:
         self._outcome: asyncio.Future[Commit | Rollback] | None = None
         self._rollback_wanted = asyncio.Event()
         self._rollback_reason = ""
+        self.lane: ShadowLane | None = None  # the candidate being shadowed, if any
 
     def settings(self) -> LoadSettings:
         i = self.live.config.inference
@@ -136,20 +144,9 @@ class Installer:
             await self._install(staged, name, version, job)
 
     async def _install(self, staged: Path, name: str, version: str, job: str) -> None:
+        await self._ready_for(name, version)
         cfg = self.live.config
-        if not cfg.inference.enabled:
-            raise ModelRejected("inference is disabled on this device (inference.enabled = false)")
         spec = self.spec()
-        if name != spec.model:
-            where = "this device" if spec.legacy else f"pipeline {spec.name!r}"
-            raise ModelRejected(f"{where} serves model {spec.model!r}, not {name!r}")
-        try:
-            check_name("version", version)
-        except ValueError as exc:
-            raise ModelRejected(str(exc)) from exc
-        if not await _wait_set(self.s.ready, READY_TIMEOUT_S):
-            raise ModelRejected(f"the inference pipeline is not serving (no model running for "
-                                f"{READY_TIMEOUT_S:g} s); cannot validate a new model")
         active, runner = self.s.active, self.s.runner
         assert active is not None and runner is not None
         begun = self.fsm.begin(Candidate(name, version))
@@ -188,6 +185,88 @@ class Installer:
             raise
         slot = make_slot(checked.model, f"{name}@{version}", checked.meta)
         await self._swap_with_probation(runner, slot, checked.meta, active, job, checked.report)
+
+    async def _ready_for(self, name: str, version: str) -> None:
+        """ModelRejected unless this pipeline serves model `name` and could take `version` now."""
+        cfg = self.live.config
+        if not cfg.inference.enabled:
+            raise ModelRejected("inference is disabled on this device (inference.enabled = false)")
+        spec = self.spec()
+        if name != spec.model:
+            where = "this device" if spec.legacy else f"pipeline {spec.name!r}"
+            raise ModelRejected(f"{where} serves model {spec.model!r}, not {name!r}")
+        try:
+            check_name("version", version)
+        except ValueError as exc:
+            raise ModelRejected(str(exc)) from exc
+        if not await _wait_set(self.s.ready, READY_TIMEOUT_S):
+            raise ModelRejected(f"the inference pipeline is not serving (no model running for "
+                                f"{READY_TIMEOUT_S:g} s); cannot validate a new model")
+
+    # ------------------------------------------------------------------ shadow evaluation
+    async def shadow(self, staged: Path, name: str, version: str, job: str, spec: ShadowSpec,
+                     report: Callable[[dict[str, Any]], None]) -> ShadowOutcome:
+        """Run the candidate beside the serving model on `spec.windows` live windows (the runner's
+        lane: lower priority, shed first) and judge it; nothing is stored or swapped here. `report`
+        gets the figures about once a second. ModelRejected if the candidate does not validate."""
+        async with self._lock:
+            await self._ready_for(name, version)
+            active, runner = self.s.active, self.s.runner
+            assert active is not None and runner is not None
+            if active.version == version:
+                raise ModelRejected(f"{active.tag} is already the active model")
+            current = self.s.metas[active.tag]
+            cfg = self.live.config.inference
+            checked = await _in_thread(validate, staged, name, version, settings=self.settings(),
+                                       window=self.s.window, current=current, recent=list(self.s.recent),
+                                       latency_budget_ms=cfg.latency_budget_ms)
+            if checked.meta.output != current.output:
+                raise ModelRejected(f"{name}@{version}: head {checked.meta.output!r} cannot be compared "
+                                    f"with the serving model's {current.output!r}")
+            loop = asyncio.get_running_loop()
+            done = asyncio.Event()
+
+            def on_done() -> None:  # worker thread
+                with contextlib.suppress(RuntimeError):  # loop closed at exit
+                    loop.call_soon_threadsafe(done.set)
+
+            lane = ShadowLane(make_slot(checked.model, f"{name}@{version}", checked.meta),
+                              current, checked.meta, spec, on_done=on_done)
+            window_hz = max(0.1, self.s.window.rate_hz / self.s.window.stride
+                            / max(1.0, self.live.factor("inference")))
+            timeout_s = max(SHADOW_MIN_TIMEOUT_S, SHADOW_TIMEOUT_FACTOR * spec.windows / window_hz)
+            started = loop.time()
+            self.lane = lane
+            fed = runner
+            fed.attach_lane(lane)
+            log.info("shadowing %s beside %s", lane.tag, active.tag,
+                     extra={"kv": {"job": job, **spec.as_dict()}})
+            try:
+                while True:
+                    if self.s.runner is not None and self.s.runner is not fed:  # the pipeline was rebuilt
+                        fed.attach_lane(None)
+                        fed = self.s.runner
+                        fed.attach_lane(lane)
+                    lane.paused = self.live.factor("inference") > 1.0  # power save: shadow goes first
+                    verdict = lane.verdict()
+                    elapsed = loop.time() - started
+                    if verdict is None and elapsed >= timeout_s:
+                        verdict = lane.timed_out(elapsed)
+                    if verdict is not None:
+                        break
+                    report(lane.figures())
+                    await wait_event(done, min(SHADOW_REPORT_S, timeout_s - elapsed))
+            finally:
+                fed.attach_lane(None)
+                self.lane = None
+            figures = lane.figures()
+            report(figures)
+            if isinstance(verdict, Promote):
+                reason = (f"shadow passed over {figures['compared']} windows: agreement "
+                          f"{figures['agreement']}, p99 ratio {figures['p99_ratio']}")
+                return ShadowOutcome(True, reason, figures)
+            log.warning("shadow rejected %s: %s", lane.tag, verdict.reason, extra={"kv": {"job": job}})
+            return ShadowOutcome(False, verdict.reason, figures)
 
     async def _swap_with_probation(self, runner: Runner, slot: ModelSlot, meta: ModelMeta,
                                    previous: ActiveRecord, job: str, report: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ from edgeagent.core.errors import ModelLoadError, RuntimeUnavailable
 from edgeagent.core.live import LiveConfig, Outbox
 from edgeagent.core.logs import Once
 from edgeagent.core.pipelines import PipelineSpec, resolve
+from edgeagent.core.shadow_spec import ShadowOutcome, ShadowSpec
 from edgeagent.core.tasks import cancel_and_wait
 from edgeagent.inference.heads import (
     Calibrated,
@@ -372,6 +373,9 @@ class Pipeline:
         if self._problem:
             out["problem"] = self._problem
         out.update(self._head_figures())
+        lane = self._installer.lane
+        if lane is not None:  # a candidate in shadow beside the serving model
+            out["shadow"] = lane.figures()
         if lat is not None and cfg.inference.cache_size:
             rate = lat.cache_hit_rate
             out["cache_hit_rate"] = None if rate is None else round(rate, 4)
@@ -403,3 +407,8 @@ class Pipeline:
     async def install(self, staged_dir: Path, name: str, version: str, job: str) -> None:
         """Store, validate, hot-swap and prove a model; ModelRejected / ModelRolledBack with `.reason`."""
         await self._installer.install(Path(staged_dir), name, version, job)
+
+    async def shadow(self, staged_dir: Path, name: str, version: str, job: str, spec: ShadowSpec,
+                     report: Callable[[dict[str, Any]], None]) -> ShadowOutcome:
+        """Judge a candidate on live windows beside the serving model (installer.Installer.shadow)."""
+        return await self._installer.shadow(Path(staged_dir), name, version, job, spec, report)

@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -73,6 +73,17 @@ class _Control:
     kind: str  # "swap" | "stop"
     slot: ModelSlot | None = None
     future: concurrent.futures.Future[ModelSlot] | None = None
+
+
+class Lane(Protocol):
+    """Lower-priority work on the worker (shadow_lane.ShadowLane): offered every served window, run
+    only while no serving window or control message waits."""
+
+    def offer(self, data: Data, served: Result) -> None: ...
+
+    def pending(self) -> bool: ...
+
+    def run_one(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +146,7 @@ class Runner:
         self._clock = clock
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._lane: Lane | None = None
 
     @property
     def slot(self) -> ModelSlot:
@@ -173,6 +185,16 @@ class Runner:
         if self._thread is None:  # not started: swap at once (tests, bench setup)
             self._drain_control()
         return fut
+
+    def attach_lane(self, lane: Lane | None) -> None:
+        """Feed `lane` (None: stop feeding) from the next served window on."""
+        with self._cond:
+            self._lane = lane
+            self._cond.notify()
+
+    @property
+    def lane(self) -> Lane | None:
+        return self._lane
 
     def stop(self, drain: bool = True, timeout_s: float = 5.0) -> bool:
         """Stop the worker, serving what is queued first if `drain`; True if it ended in time."""
@@ -236,13 +258,18 @@ class Runner:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._control and not self._items:
+                lane = self._lane
+                while not self._control and not self._items and not (lane is not None and lane.pending()):
                     self._busy = False
                     self._cond.notify_all()
                     self._cond.wait()
+                    lane = self._lane
                 self._busy = True
                 control = self._control.popleft() if self._control else None
-                item = self._items.popleft() if control is None else None
+                item = self._items.popleft() if control is None and self._items else None
+            if control is None and item is None and lane is not None:
+                lane.run_one()  # idle: only now the shadow candidate gets the thread
+                continue
             if control is not None:
                 if control.kind == "stop":
                     if self._drain_items():
@@ -337,6 +364,9 @@ class Runner:
             self._on_result(result)
         except Exception:
             log.exception("inference result handler failed")
+        lane = self._lane
+        if lane is not None:
+            lane.offer(item.data, result)
 
 
 def _digest(data: Data) -> bytes:

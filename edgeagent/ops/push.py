@@ -24,6 +24,7 @@ from typing import Any
 from edgeagent.core import protocol, signing
 from edgeagent.core.cli_args import positive_duration, positive_int
 from edgeagent.core.errors import ConfigError, EdgeAgentError
+from edgeagent.core.shadow_spec import ShadowSpecError, parse_shadow
 from edgeagent.core.units import parse_duration_s
 from edgeagent.ops.args import add_signing_broker_args
 from edgeagent.updates.manifest import MAX_CHUNKS, MIN_CHUNK_SIZE
@@ -308,10 +309,45 @@ def _cmd_sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def shadow_arg(text: str) -> dict[str, Any]:
+    """argparse type of push's --shadow N[:AGREEMENT] (the manifest's `shadow` object)."""
+    windows, sep, agreement = text.partition(":")
+    raw: dict[str, Any] = {}
+    try:
+        raw["windows"] = int(windows)
+        if sep:
+            raw["min_agreement"] = float(agreement)
+        return parse_shadow(raw).as_dict()
+    except (ValueError, ShadowSpecError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WINDOWS[:MIN_AGREEMENT], e.g. 500:0.95 "
+                                         f"({exc})") from None
+
+
+def shadow_line(device: str, doc: dict[str, Any]) -> str | None:
+    """One line of shadow figures from a job status (None when it carries none)."""
+    f = doc.get("shadow")
+    if not isinstance(f, dict):
+        return None
+
+    def num(key: str, fmt: str) -> str:
+        v = f.get(key)
+        return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+    return (f"{device}: shadow {num('compared', 'd')}/{num('windows', 'd')} windows, "
+            f"agreement {num('agreement', '.3f')} (min {num('min_agreement', 'g')}), "
+            f"p99 ratio {num('p99_ratio', '.2f')}, score shift {num('score_shift', '+.3f')} "
+            f"(KS {num('score_ks', '.2f')}), shed {num('shed', 'd')}")
+
+
 def _progress_printer(device_hint: str) -> Callable[[str, dict[str, Any]], None]:
     tty = sys.stderr.isatty()
 
     def show(device: str, doc: dict[str, Any]) -> None:
+        shadow = shadow_line(device, doc) if doc.get("state") == "shadowing" else None
+        if shadow is not None:
+            print(("\r" + shadow[:150].ljust(150)) if tty else shadow, end="" if tty else "\n",
+                  file=sys.stderr, flush=True)
+            return
         p = float(doc.get("progress") or 0.0)
         bar = "#" * int(p * 30)
         line = (f"{device}: [{bar:<30}] {p * 100:5.1f}% {doc.get('state')}"
@@ -340,6 +376,10 @@ def _cmd_push(args: argparse.Namespace) -> int:
                            hardware=args.hardware or None, min_agent=args.min_agent, critical=args.critical,
                            devices=[args.device] if args.device else None,
                            groups=[args.group] if args.group else None, pipeline=args.pipeline)
+        if args.shadow is not None:
+            if args.kind != "model":
+                raise ValueError("--shadow applies to model updates only")
+            m["shadow"] = args.shadow
         signed = signing.sign(m, key, args.key_id)
         url = BrokerUrl.parse(args.broker, args.ca_file, args.cert_file, args.key_file)
         # a persistent session per job: a broker restart mid-push keeps our subscriptions (status,
@@ -415,5 +455,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                     help="a model for this pipeline (default: the device's pipeline serving --name)")
     ps.add_argument("--critical", action="store_true",
                     help="skip the gates the device lists as skippable (updates.gates.skippable)")
+    ps.add_argument("--shadow", type=shadow_arg, metavar="N[:AGREEMENT]",
+                    help="models: run the candidate beside the serving model on N live windows first and "
+                         "promote it only if it agrees on at least AGREEMENT of them (default 0.95) and its "
+                         "p99 latency is at most 1.5x; the figures are shown as they come")
     ps.add_argument("file", type=Path, help="the .tflite model or firmware file")
     ps.set_defaults(func=_cmd_push)

@@ -111,7 +111,7 @@ class JobBook:
     def publish(self, job: Job) -> None:
         self.outbox.put_state(self.live.topics.job_status(job.job), protocol.job_status(
             job.job, job.kind, job.name, job.version, job.state, job.reason, round(job.progress, 4),
-            job.next_try))
+            job.next_try, shadow=job.shadow))
 
     def refuse(self, job_id: str, key: str, reason: str, existing: Job | None) -> None:
         """A manifest we cannot accept. Anyone who can publish can send these, so they cost little:

@@ -19,7 +19,8 @@ from edgeagent.updates.jobs import CANCELLABLE, JobFacts
 
 MAX_RESUMES = 5  # restarts that found a job mid-install before we give up on it (loop breaker)
 MB = 1024 * 1024
-SIDE_EFFECT_STATES = frozenset({"installing", "rebooting", "health_check"})
+# shadowing: a candidate that crashes the agent while it is compared must not loop forever either
+SIDE_EFFECT_STATES = frozenset({"installing", "rebooting", "health_check", "shadowing"})
 
 
 # ---------------------------------------------------------------------------------------- events
@@ -126,13 +127,22 @@ class InstallFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class ShadowDone:
+    """The shadow evaluation ended: promote, or not (`failed`: the candidate did not even validate)."""
+
+    promote: bool
+    reason: str
+    failed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class CancelRequested:
     problem: str = ""  # '' when the cancel is signed by a trusted key and names this job
 
 
 Event = (ManifestReceived | Restarted | Resume | DiskMeasured | DownloadTick | ChunksQuiet | ChunkProgress
          | DownloadComplete | Staged | GatesEvaluated | InstallReady | SwapCommitted | SwapRolledBack
-         | InstallFailed | CancelRequested)
+         | InstallFailed | ShadowDone | CancelRequested)
 
 
 # ------------------------------------------------------------------------------------- decisions
@@ -238,6 +248,20 @@ class Install:
 
 
 @dataclass(frozen=True, slots=True)
+class Shadow:
+    """Run the candidate beside the serving model first (manifest `shadow`)."""
+
+    enter: bool  # journal 'shadowing' first (False: restarting a shadow run after an agent restart)
+
+
+@dataclass(frozen=True, slots=True)
+class Promote:
+    """The shadow run passed: journal 'installing' and install (hot swap, probation) as any model."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class AwaitReboot:
     """Firmware: the reboot into the new slot happened (or was attempted): check its health."""
 
@@ -254,7 +278,7 @@ class Ignore:
 
 Decision = (Refuse | Accept | Republish | Reject | Finish | CountResume | CheckDisk | StartDownload
             | Download | RequestChunks | PublishStatus | Stage | MarkVerified | EvaluateGates | Defer | Wait
-            | CheckInstall | Install | AwaitReboot | StopJob | Ignore)
+            | CheckInstall | Install | Shadow | Promote | AwaitReboot | StopJob | Ignore)
 
 
 # --------------------------------------------------------------------------------------- decide
@@ -301,6 +325,10 @@ def decide(job: JobFacts | None, event: Event, rng: random.Random | None = None)
         return (Finish("succeeded", event.reason),)
     if isinstance(event, SwapRolledBack):
         return (Finish("rolled_back", event.reason),)
+    if isinstance(event, ShadowDone):
+        if event.promote:
+            return (Promote(event.reason),)
+        return (Finish("failed", event.reason),) if event.failed else (Reject(event.reason),)
     return (Finish("failed", event.reason),)  # InstallFailed
 
 
@@ -328,7 +356,7 @@ def next_step(job: JobFacts) -> Decision:
         return Download()
     if job.state in ("verified", "deferred"):
         return EvaluateGates()
-    if job.state == "installing":
+    if job.state in ("installing", "shadowing"):
         return CheckInstall()
     if job.state in ("rebooting", "health_check"):
         return AwaitReboot()
@@ -374,14 +402,19 @@ def on_gates(job: JobFacts, ev: GatesEvaluated, rng: random.Random | None = None
 
 
 def on_install_ready(job: JobFacts, installed: str | None) -> Decision:
-    """Resume limits, an install that finished before a restart, and no downgrades."""
-    resuming = job.state == "installing"
+    """Resume limits, an install that finished before a restart, no downgrades, shadow first."""
+    resuming = job.state in ("installing", "shadowing")
     if resuming and job.resumes > MAX_RESUMES:
-        return Finish("failed", f"install interrupted {job.resumes} times; giving up")
+        what = "shadow evaluation" if job.state == "shadowing" else "install"
+        return Finish("failed", f"{what} interrupted {job.resumes} times; giving up")
     if job.kind == "model" and resuming and installed == job.version:
         return Finish("succeeded", "active after restart")
     if installed is not None and manifest.compare_versions(job.version, installed) <= 0:
         return Reject(f"rollback refused: version {job.version} is not above installed {installed}")
+    if job.state == "shadowing":
+        return Shadow(enter=False)
+    if job.shadow and job.state != "installing":
+        return Shadow(enter=True)
     return Install(enter=not resuming)
 
 

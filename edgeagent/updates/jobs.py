@@ -27,13 +27,15 @@ MAX_FINAL_JOBS = 200  # finished jobs kept for idempotency/replay checks; oldest
 TRANSITIONS: dict[str, frozenset[str]] = {
     "received": frozenset({"downloading", "rejected", "failed", "cancelled"}),
     "downloading": frozenset({"verified", "rejected", "failed", "cancelled"}),
-    "verified": frozenset({"deferred", "installing", "failed", "cancelled", "rejected"}),
-    "deferred": frozenset({"deferred", "installing", "failed", "cancelled"}),
+    "verified": frozenset({"deferred", "installing", "shadowing", "failed", "cancelled", "rejected"}),
+    "deferred": frozenset({"deferred", "installing", "shadowing", "failed", "cancelled"}),
+    # a candidate runs beside the serving model (manifest `shadow`); restarted after an agent restart
+    "shadowing": frozenset({"shadowing", "installing", "rejected", "failed", "cancelled"}),
     "installing": frozenset({"rebooting", "succeeded", "failed", "rolled_back", "rejected"}),
     "rebooting": frozenset({"health_check", "failed", "rolled_back"}),
     "health_check": frozenset({"succeeded", "rolled_back", "failed", "health_check"}),
 }
-CANCELLABLE = frozenset({"received", "downloading", "verified", "deferred"})
+CANCELLABLE = frozenset({"received", "downloading", "verified", "deferred", "shadowing"})
 
 
 class InvalidTransition(RuntimeError):
@@ -56,6 +58,7 @@ class Job:
     resumes: int = 0  # agent restarts that found this job unfinished in a side-effect state
     boot_attempts: int = 0
     previous_slot: str | None = None
+    shadow: dict[str, Any] | None = None  # figures of the shadow evaluation, kept after it ends
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     history: list[tuple[str, float]] = field(default_factory=list)
@@ -79,7 +82,7 @@ class Job:
     def summary(self) -> dict[str, Any]:
         return {"job": self.job, "kind": self.kind, "name": self.name, "version": self.version,
                 "state": self.state, "reason": self.reason, "progress": round(self.progress, 3),
-                "next_try": self.next_try}
+                "next_try": self.next_try, **({"shadow": self.shadow} if self.shadow else {})}
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +98,14 @@ class JobFacts:
     resumes: int = 0
     deferred_gates: tuple[str, ...] = ()  # gates that failed at the last deferral (in memory)
     digest: str = ""
+    shadow: bool = False  # the manifest asks for a shadow evaluation before the install
 
     @classmethod
     def of(cls, job: Job, deferred_gates: tuple[str, ...] = ()) -> JobFacts:
         return cls(job=job.job, kind=job.kind, version=job.version, state=job.state,
                    attempts=job.attempts, next_try=job.next_try, resumes=job.resumes,
-                   deferred_gates=deferred_gates, digest=job.digest)
+                   deferred_gates=deferred_gates, digest=job.digest,
+                   shadow=job.kind == "model" and "shadow" in job.manifest)
 
     @property
     def final(self) -> bool:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from edgeagent.core import audience, signing
 from edgeagent.core.audience import Audience
 from edgeagent.core.errors import ManifestRejected, SignatureInvalid
+from edgeagent.core.shadow_spec import ShadowSpec, ShadowSpecError, parse_shadow
 
 if TYPE_CHECKING:  # cryptography is imported on first use (signing.py): ~8 MiB of RSS
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -62,6 +63,7 @@ class Manifest:
     key_id: str
     pipeline: str | None  # which pipeline's model (a model update); None: the one serving `name`
     digest: str  # sha256 of the signed body (legacy form): identifies "the same manifest"
+    shadow: ShadowSpec | None = None  # judge the candidate on live windows before it serves
 
     def chunk_len(self, index: int) -> int:
         """The exact byte length of chunk `index` (only the last one may be short)."""
@@ -201,13 +203,21 @@ def parse(msg: Mapping[str, Any]) -> Manifest:
         if not PIPELINE_RE.match(pipeline) or kind != "model":
             raise ManifestRejected(f"manifest: pipeline {pipeline[:80]!r} must be a pipeline name (letters, "
                                    "digits, '_') on a model update", job)
+    shadow = None
+    if "shadow" in msg:
+        if kind != "model":
+            raise ManifestRejected("manifest: shadow applies to model updates only", job)
+        try:
+            shadow = parse_shadow(msg["shadow"])
+        except ShadowSpecError as exc:
+            raise ManifestRejected(f"manifest: {exc}", job) from None
     sig = msg.get("sig")
     key_id = sig.get("key_id") if isinstance(sig, dict) else None
     return Manifest(job=job, kind=kind, name=name, version=version, size=size, sha256=sha,
                     chunk_size=chunk_size, chunks=chunks, arch=arch, hardware=hardware,
                     audience=who, chunk_sha256=chunk_sha, min_agent=min_agent, issued_at=issued_at,
                     expires=expires, critical=critical, key_id=key_id if isinstance(key_id, str) else "",
-                    pipeline=pipeline, digest=digest_of(msg))
+                    pipeline=pipeline, digest=digest_of(msg), shadow=shadow)
 
 
 def _sizes(msg: Mapping[str, Any], job: str) -> tuple[int, int, int]:

@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgeagent.core.config import GateConfig
 from edgeagent.core.errors import BundleRejected, ModelRejected, ModelRolledBack
@@ -73,6 +73,8 @@ class Performer:
                 await book.transition(job, "rejected", decision.reason)
             elif isinstance(decision, d.StartDownload):
                 await book.transition(job, "downloading", decision.reason)
+            elif isinstance(decision, d.Promote):
+                await book.transition(job, "installing", decision.reason, next_try=None)
             elif isinstance(decision, d.MarkVerified):
                 await book.transition(job, "verified", decision.reason, progress=1.0)
             elif isinstance(decision, d.Defer):
@@ -216,7 +218,13 @@ class Performer:
         if await self._apply(job, decisions):
             return
         for decision in decisions:
-            if isinstance(decision, d.Install):
+            if isinstance(decision, d.Shadow):
+                verdict = await self._shadow_model(job, decision.enter)
+                if await self._apply(job, d.decide(self.facts(job), verdict)):
+                    return
+                outcome = await self._install_model(job)  # promoted: 'installing' is journaled
+                await self._apply(job, d.decide(self.facts(job), outcome))
+            elif isinstance(decision, d.Install):
                 if decision.enter:
                     await self.comp.book.transition(job, "installing", "", next_try=None)
                 if job.kind == "model":
@@ -225,23 +233,64 @@ class Performer:
                 else:
                     await self.comp.firmware.install(job)
 
+    async def _restage(self, job: Job) -> str:
+        """Stage the bundle again if the staged dir was lost (a restart); the problem, or ''."""
+        m = self._manifest(job)
+        cfg = self.comp.live.config.updates
+        staged = self._staged(job)
+        if not (staged / bundle.MODEL_FILE).is_file():
+            try:
+                await asyncio.to_thread(bundle.stage, self.comp.updates_dir / job.job / "artifact", staged,
+                                        int(m.size * cfg.max_unpacked_ratio) + 64 * 1024)
+            except (BundleRejected, OSError) as exc:
+                return f"cannot stage the model: {exc}"
+        return ""
+
+    async def _shadow_model(self, job: Job, enter: bool) -> d.Event:
+        """Journal 'shadowing' (a restarted run says so) and let the inference side judge the
+        candidate; its figures go into the job status as they come."""
+        comp = self.comp
+        if enter:
+            await comp.book.transition(job, "shadowing", "comparing with the serving model on live "
+                                       "windows", next_try=None, progress=0.0, shadow=None)
+        else:
+            await comp.book.transition(job, "shadowing", f"shadow evaluation restarted from 0 after an "
+                                       f"agent restart (restart {job.resumes})", progress=0.0, shadow=None)
+        inst = comp.model_installer
+        if inst is None:
+            return d.ShadowDone(False, "no model installer (inference is disabled)", failed=True)
+        spec = self._manifest(job).shadow
+        assert spec is not None  # decide.py asks for a shadow only when the manifest has one
+        problem = await self._restage(job)
+        if problem:
+            return d.ShadowDone(False, problem, failed=True)
+
+        def report(figures: dict[str, Any]) -> None:
+            job.shadow, job.progress = figures, float(figures.get("progress", 0.0))
+            comp.book.publish(job)
+
+        try:
+            outcome = await inst.shadow(self._staged(job), job.name, job.version, job.job, spec, report,
+                                        self._manifest(job).pipeline)
+        except ModelRejected as exc:
+            return d.ShadowDone(False, f"model rejected: {exc.reason}", failed=True)
+        job.shadow = outcome.figures
+        return d.ShadowDone(outcome.promote, outcome.reason)
+
     async def _install_model(self, job: Job) -> d.Event:
         """Stage if needed and hand the model over; the outcome as an event for decide.py."""
         comp = self.comp
         inst = comp.model_installer
         if inst is None:
             return d.InstallFailed("no model installer (inference is disabled)")
-        m = self._manifest(job)
         cfg = comp.live.config.updates
         staged = self._staged(job)
-        if not (staged / bundle.MODEL_FILE).is_file():  # e.g. resumed after the staged dir was lost
-            try:
-                await asyncio.to_thread(bundle.stage, comp.updates_dir / job.job / "artifact", staged,
-                                        int(m.size * cfg.max_unpacked_ratio) + 64 * 1024)
-            except (BundleRejected, OSError) as exc:
-                return d.InstallFailed(f"cannot stage the model: {exc}")
+        problem = await self._restage(job)  # e.g. resumed after the staged dir was lost
+        if problem:
+            return d.InstallFailed(problem)
         try:
-            await asyncio.wait_for(inst.install(staged, job.name, job.version, job.job, m.pipeline),
+            await asyncio.wait_for(inst.install(staged, job.name, job.version, job.job,
+                                                self._manifest(job).pipeline),
                                    cfg.model_install_timeout_s)
         except ModelRejected as exc:
             return d.InstallFailed(f"model rejected: {exc.reason}")

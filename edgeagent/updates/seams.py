@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+from edgeagent.core.shadow_spec import ShadowOutcome, ShadowSpec
 
 
 class ModelInstaller(Protocol):
@@ -20,3 +23,8 @@ class ModelInstaller(Protocol):
 
     def installed_version(self, name: str, pipeline: str | None = None) -> str | None:
         """The active version of model `name` (in `pipeline`, as for install), or None."""
+    async def shadow(self, staged_dir: Path, name: str, version: str, job: str, spec: ShadowSpec,
+                     report: Callable[[dict[str, Any]], None], pipeline: str | None = None) -> ShadowOutcome:
+        """Run the candidate in `staged_dir` beside the serving model of its pipeline on `spec.windows`
+        live windows, without swapping anything, and judge it. `report` is called with the figures
+        as they come. Raises ModelRejected (`.reason`) if the candidate does not even validate."""

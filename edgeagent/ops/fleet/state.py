@@ -13,6 +13,7 @@ from typing import Any, TypeGuard
 
 from edgeagent.core.errors import ProtocolError
 from edgeagent.core.protocol import CONFIG_STATES, FINAL_JOB_STATES, JOB_STATES, dumps, loads_object
+from edgeagent.ops.fleet import shadow_view
 
 MAX_MISSING_RANGES = 64          # late arrivals older than this many open gaps count as duplicates
 ANOMALY_TIMES_KEPT = 256
@@ -405,10 +406,12 @@ class FleetState:
         entry = {"job": job, "kind": msg.get("kind"), "name": msg.get("name"),
                  "version": msg.get("version"), "state": state, "reason": str(msg.get("reason", "")),
                  "progress": float(progress) if _is_num(progress) else 0.0,
-                 "ts": float(msg["ts"]) if _is_num(msg.get("ts")) else None, "changed": changed}
+                 "ts": float(msg["ts"]) if _is_num(msg.get("ts")) else None, "changed": changed,
+                 "shadow": shadow_view.figures(msg.get("shadow"))}
         dev.jobs[job] = entry
         self.stats.messages["job"] += 1
-        return Ingested(jobs=[(dev.device, job, state, entry["progress"], entry["reason"], entry["ts"], now)])
+        logged = " | ".join(x for x in (entry["reason"], shadow_view.note(entry["shadow"])) if x)
+        return Ingested(jobs=[(dev.device, job, state, entry["progress"], logged, entry["ts"], now)])
 
     def _config(self, topic: str, dev: DeviceState, msg: dict[str, Any], now: float) -> Ingested:
         state, version = msg.get("state"), msg.get("version")

@@ -16,9 +16,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from edgeagent.ops.fleet import shadow_view
 from edgeagent.ops.fleet.state import Thresholds, active_job, recent_anomalies, sort_by_trouble, troubles
 
-JOB_FIELDS = ("job", "kind", "name", "version", "state", "progress", "reason")
+JOB_FIELDS = ("job", "kind", "name", "version", "state", "progress", "reason", "shadow")
 STATE_FILTERS = ("online", "offline", "stale", "updating", "trouble", "ok")
 TROUBLE_STYLE = {"offline": "bold red", "stale": "red", "update-failed": "red", "update-stuck": "yellow",
                  "hot": "bold yellow", "overloaded": "yellow", "anomalies": "magenta", "gaps": "cyan",
@@ -107,7 +108,8 @@ def table(rows: list[dict[str, Any]], title: str = "") -> Table:
     t = Table(title=title or None, expand=False, show_lines=False, header_style="bold")
     for col, justify in (("device", "left"), ("state", "left"), ("seen", "right"), ("cpu%", "right"),
                          ("mem%", "right"), ("temp", "right"), ("model", "left"), ("p95 ms", "right"),
-                         ("anom", "right"), ("gaps", "right"), ("update", "left"), ("trouble", "left")):
+                         ("anom", "right"), ("gaps", "right"), ("update", "left"), ("shadow", "right"),
+                         ("trouble", "left")):
         t.add_column(col, justify=justify)  # type: ignore[arg-type]
     for r in rows:
         state_style = {"online": "green", "offline": "bold red", "stale": "red"}.get(str(r["state"]), "")
@@ -122,7 +124,7 @@ def table(rows: list[dict[str, Any]], title: str = "") -> Table:
                   _num(r["cpu_percent"]), _num(r["mem_used_percent"]),
                   Text(_num(r["temp_c"], "{:.1f}"), style=temp_style), r["model"] or "-",
                   _num(r["inference_p95_ms"], "{:.1f}"), str(r["anomalies_recent"] or ""),
-                  str(gaps or ""), update, trouble)
+                  str(gaps or ""), update, shadow_view.cell(up), trouble)
     return t
 
 
