@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from edgeagent.core import signing
-from edgeagent.inference.pipeline import InferenceComponent
+from edgeagent.inference.component import InferenceComponent
 from edgeagent.ops.fleet.connect import BrokerUrl, connect_and_wait, make_client
 from edgeagent.ops.push import Pusher, PushResult
 from edgeagent.updates import UpdatesComponent

@@ -192,6 +192,7 @@ class Pipeline:
             runner = self._s.runner
             if runner is not None:  # serve what is queued before reporting the end
                 await asyncio.to_thread(runner.wait_idle, 10.0)
+            await self._flush_calibrations()  # one learnt while the queue drained is kept too
             log.info("sensor source ended", extra={"kv": {"pipeline": self.name, "windows": self._windows}})
             return True
         log.info("inference settings changed: rebuilding the pipeline")
@@ -346,12 +347,18 @@ class Pipeline:
     async def _save_calibrations(self) -> None:
         """Persist each calibration off the loop, atomically, so a restart reuses it."""
         while True:
-            rec = await self._to_save.get()
-            path = calibration_path(self.live.config.state_dir, self.name)
-            try:
-                await asyncio.to_thread(save_calibration, path, rec)
-            except OSError as exc:
-                once.warning(f"calibration:{self.name}", "cannot save the calibration to %s: %s", path, exc)
+            await self._save(await self._to_save.get())
+
+    async def _flush_calibrations(self) -> None:
+        while not self._to_save.empty():
+            await self._save(self._to_save.get_nowait())
+
+    async def _save(self, rec: Calibrated) -> None:
+        path = calibration_path(self.live.config.state_dir, self.name)
+        try:
+            await asyncio.to_thread(save_calibration, path, rec)
+        except OSError as exc:
+            once.warning(f"calibration:{self.name}", "cannot save the calibration to %s: %s", path, exc)
 
     def section(self) -> dict[str, Any]:
         """The `inference` section of telemetry and health.json."""
