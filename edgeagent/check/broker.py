@@ -100,7 +100,8 @@ def mqtt_connect(ep: Endpoint, v5: bool, timeout_s: float, subscribe: str = "") 
         client.connect(ep.host, ep.port, keepalive=max(10, int(timeout_s) + 5))
         deadline = time.monotonic() + timeout_s
         while "connack" not in answer and time.monotonic() < deadline:
-            if client.loop(timeout=0.1) not in (mqtt.MQTT_ERR_SUCCESS,):
+            # a refusal is a CONNACK and a close: the same loop call may see both
+            if client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS and "connack" not in answer:
                 return False, "the broker closed the connection before its CONNACK"
         rc = answer.get("connack")
         if rc is None:

@@ -183,6 +183,10 @@ def model_location(cfg: Config) -> tuple[Path | None, str]:
         rec = store.active(name)
     except ValueError as exc:
         return None, str(exc)
+    except OSError as exc:  # the state dir is not a directory: its own check says so
+        rec = None
+        if not isinstance(exc, NotADirectoryError):
+            return None, f"cannot read the model store: {exc}"
     if rec is not None and store.model_path(name, rec.version).is_file():
         return store.model_path(name, rec.version), f"store {rec.tag}"
     shipped = SHIPPED_DIR / name / SHIPPED_FILES[cfg.inference.model_variant]

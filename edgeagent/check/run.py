@@ -3,6 +3,7 @@ the static checks, then (unless `static`) the deep ones, cheapest first."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from edgeagent.check.files import User, static_checks
@@ -30,7 +31,8 @@ def load_for_check(path: Path) -> tuple[Config | None, list[Check]]:
 
 
 def run_checks(cfg: Config, user: User, *, static: bool = False, timeout_s: float = 5.0) -> list[Check]:
-    checks = [info("user", f"file access judged for {user.name} (uid {user.uid})"), *static_checks(cfg, user)]
+    checks = [info("user", f"file access judged for {user.name} (uid {user.uid})")]
+    checks += _guarded("files", lambda: static_checks(cfg, user))
     if static:
         return checks
     from edgeagent.check.broker import broker_checks, negotiated_protocol
@@ -38,11 +40,20 @@ def run_checks(cfg: Config, user: User, *, static: bool = False, timeout_s: floa
     from edgeagent.check.sources import source_checks
     from edgeagent.check.system import system_checks
 
-    checks += model_checks(cfg)
-    checks += source_checks(cfg, timeout_s)
-    checks += broker_checks(cfg, timeout_s)
+    checks += _guarded("inference", lambda: model_checks(cfg))
+    checks += _guarded("sensors", lambda: source_checks(cfg, timeout_s))
+    checks += _guarded("mqtt", lambda: broker_checks(cfg, timeout_s))
     protocol = negotiated_protocol(cfg.state_dir)
     if protocol is not None:
         checks.append(protocol)
-    checks += system_checks(cfg)
+    checks += _guarded("systemd", lambda: system_checks(cfg))
     return checks
+
+
+def _guarded(name: str, run: Callable[[], list[Check]]) -> list[Check]:
+    """A file system or device surprise in one group is that group's FAIL line, not the end of the check."""
+    try:
+        return run()
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return [fail(name, f"{where}{exc.strerror or exc}", "see the lines above; else report this")]
