@@ -187,7 +187,7 @@ def test_tls_handshake_and_client_certificate(tmp_path: Path) -> None:
                 assert status == 0 and "client certificate" in checks["mqtt.login"]["reason"], doc
             else:
                 assert status == 1 and fails(doc) == {"mqtt.tls"}
-                assert "self-signed certificate in certificate chain" in checks["mqtt.tls"]["reason"], checks["mqtt.tls"]
+                assert "self-signed certificate in certificate chain" in checks["mqtt.tls"]["reason"]
     finally:
         b.stop()
 
