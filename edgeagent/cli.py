@@ -29,7 +29,9 @@ if TYPE_CHECKING:  # the runtime is imported lazily, per command
 
 # runtime modules with `add_parsers(sub: argparse._SubParsersAction) -> None`
 PLUGINS: tuple[str, ...] = ("edgeagent.monitor.cli", "edgeagent.config_cli", "edgeagent.transport.cli",
-                           "edgeagent.status", "edgeagent.support.cli", "edgeagent.check.cli")
+                           "edgeagent.status", "edgeagent.support.cli")
+# verbs the unit runs at every start (ExecStartPre): parsed without loading the other plugins
+CORE_PLUGINS: tuple[str, ...] = ("edgeagent.check.cli",)
 # operator tools plug in from outside the runtime (pyproject.toml [project.entry-points])
 ENTRY_POINT_GROUP = "edgeagent.commands"
 
@@ -106,7 +108,7 @@ def _config_errors(exc: ConfigError, path: Path) -> int:
     return EXIT_USAGE
 
 
-CORE_COMMANDS = ("run", "check-config")
+CORE_COMMANDS = ("run", "check-config", "check")
 
 # packages that come with an extra, not with the base install (pyproject.toml optional-dependencies)
 OPTIONAL_PACKAGES = {"rich": "fleet", "prometheus_client": "fleet", "tflite_runtime": "tflite",
@@ -176,6 +178,8 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
                      help="check the config only, not the files it names (e.g. on a laptop, for a board)")
     chk.set_defaults(func=_cmd_check_config)
 
+    for name in CORE_PLUGINS:
+        importlib.import_module(name).add_parsers(sub)
     if plugins:
         for name in PLUGINS:
             importlib.import_module(name).add_parsers(sub)

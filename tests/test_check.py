@@ -117,6 +117,22 @@ def test_a_missing_ca_file_fails_by_name(tmp_path: Path, broker: Broker) -> None
     assert r.returncode == 0 and "mqtt.tls.ca_file" not in r.stdout
 
 
+def test_static_as_execstartpre_writes_journal_priorities(tmp_path: Path) -> None:
+    """What the unit's ExecStartPre does: offline checks, one line each, `<3>` on a FAIL so that
+    `journalctl -p err -u edgeagent` shows why the service did not start."""
+    missing = tmp_path / "ca.pem"
+    config = write_config(tmp_path, 1)  # nothing listens on port 1: --static must not try
+    config.write_text(config.read_text().replace("[mqtt.tls]\nenabled = false",
+                                                 f'[mqtt.tls]\nenabled = true\nca_file = "{missing}"'))
+    r = subprocess.run([*EDGEAGENT, "check", "--static", "--config", str(config)], capture_output=True,
+                       text=True, timeout=60, check=False, env={**os.environ, "JOURNAL_STREAM": "8:1234"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stdout.splitlines()
+    assert any(line.startswith("<3>FAIL  mqtt.tls.ca_file") and str(missing) in line for line in lines)
+    assert all(line.startswith(("<3>", "<4>", "<6>")) for line in lines[:-1]), lines
+    assert "mqtt.port" not in r.stdout
+
+
 @pytest.mark.integration
 def test_a_missing_model_fails_by_name(tmp_path: Path, broker: Broker) -> None:
     config = write_config(tmp_path, broker.port, '[inference]\nmodel = "no-such-model"\n')
@@ -300,6 +316,7 @@ def test_access_is_judged_for_the_service_user_not_for_root(tmp_path: Path, open
 def test_a_clock_before_the_release_fails() -> None:
     assert clock_check(RELEASED.timestamp() - 86400).status == "FAIL"
     assert clock_check(RELEASED.timestamp() + 86400).status == "ok"
+    assert clock_check(RELEASED.timestamp() - 86400, lenient=True).status == "warn"  # ExecStartPre
 
 
 def test_source_kinds_are_a_table_and_an_unknown_kind_warns(tmp_path: Path, broker: Broker) -> None:

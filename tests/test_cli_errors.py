@@ -135,7 +135,7 @@ def test_output_closed_early_ends_quietly(tmp_path: Path) -> None:
     spool.close()
     cases = [("--help",), ("metrics", "-c", cfg, "-n", "3"), ("config", "show", "-c", cfg),
              ("spool", "stats", "-c", cfg), ("status", "--json", "--state-dir", str(tmp_path / "state")),
-             ("check-config", cfg)]
+             ("check-config", cfg), ("check", "--static", "-c", cfg), ("check", "--json", "-c", cfg)]
     for args in cases:
         first, status, err = _first_line_then_close(*args)
         assert first, args
@@ -155,7 +155,7 @@ def test_a_broken_pipe_on_stdout_after_the_reader_left_is_exit_0(tmp_path: Path)
     ("status", "--config", "{missing}"), ("config", "show", "-c", "{missing}"),
     ("config", "diff", "-c", "{missing}"), ("spool", "stats", "-c", "{missing}"),
     ("metrics", "-c", "{missing}"),
-    ("check-config", "{missing}"), ("run", "--config", "{missing}")])
+    ("check-config", "{missing}"), ("run", "--config", "{missing}"), ("check", "-c", "{missing}")])
 def test_a_missing_config_file_is_one_line_and_status_2(tmp_path: Path, args: tuple[str, ...]) -> None:
     missing = str(tmp_path / "nope.toml")
     r = edgeagent(*(a.format(missing=missing) for a in args))

@@ -215,9 +215,10 @@ def model_file_checks(cfg: Config, user: User) -> list[Check]:
 # --------------------------------------------------------------------------- state dir and clock
 
 
-def state_dir_checks(cfg: Config, user: User) -> list[Check]:
+def state_dir_checks(cfg: Config, user: User, lenient: bool = False) -> list[Check]:
     """The state dir (or, before the first start, the directory it will be made in) takes a file,
-    and its file system has room for the spool to reach spool.max_mb."""
+    and its file system has room for the spool to reach spool.max_mb (a warning when `lenient`: the
+    spool then drops its oldest rows sooner, the agent still runs)."""
     state = cfg.state_dir
     name = "device.state_dir"
     fix = (f"create it for the service user: install -d -o {user.name} -m 0750 {state}, or set "
@@ -236,9 +237,10 @@ def state_dir_checks(cfg: Config, user: User) -> list[Check]:
     need = int(cfg.spool.max_mb * 2**20) - spool_now
     free = shutil.disk_usage(target).free
     if free < need:
-        checks.append(fail("spool.max_mb", f"{free / 2**20:.0f} MiB free on {target}; the spool may grow "
-                                           f"{need / 2**20:.0f} MiB more (cap {cfg.spool.max_mb:g} MB)",
-                           "free space there or lower spool.max_mb"))
+        verdict = warn if lenient else fail
+        checks.append(verdict("spool.max_mb", f"{free / 2**20:.0f} MiB free on {target}; the spool may grow "
+                                              f"{need / 2**20:.0f} MiB more (cap {cfg.spool.max_mb:g} MB)",
+                              "free space there or lower spool.max_mb"))
     else:
         checks.append(ok("spool.max_mb", f"{free / 2**20:.0f} MiB free, spool cap {cfg.spool.max_mb:g} MB"))
     return checks
@@ -256,17 +258,22 @@ def _write_problem(directory: Path) -> str | None:
     return None
 
 
-def clock_check(now: float | None = None) -> Check:
+def clock_check(now: float | None = None, lenient: bool = False) -> Check:
+    """FAIL for a clock before the release; only a warning when `lenient` (at service start a board
+    without a real-time clock may boot offline: it must still run and spool)."""
     now = time.time() if now is None else now
     shown = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if now < RELEASED.timestamp():
-        return fail("clock", f"reads {shown}, before this release ({RELEASED:%Y-%m-%d}): signatures with "
-                             "expiry, TLS certificates and timestamps will all be wrong",
-                    "enable NTP (timedatectl set-ntp true) or set the date; a board without a "
-                    "real-time clock needs network time before the agent starts")
+        verdict = warn if lenient else fail
+        return verdict("clock", f"reads {shown}, before this release ({RELEASED:%Y-%m-%d}): expiry of "
+                                "signed messages, TLS certificates and timestamps will all be wrong",
+                       "enable NTP (timedatectl set-ntp true) or set the date; a board without a "
+                       "real-time clock needs network time before the agent starts")
     return ok("clock", shown)
 
 
-def static_checks(cfg: Config, user: User) -> list[Check]:
-    """Everything `check --static` and the unit's ExecStartPre run: files, state dir, clock."""
-    return [*file_checks(cfg, user), *state_dir_checks(cfg, user), clock_check()]
+def static_checks(cfg: Config, user: User, lenient: bool = False) -> list[Check]:
+    """Files, state dir, clock: what every check runs. `lenient` (`check --static`, the unit's
+    ExecStartPre) makes a wrong clock and a full disk warnings, since the agent can run with them and
+    a FAIL there would keep the service from starting."""
+    return [*file_checks(cfg, user), *state_dir_checks(cfg, user, lenient), clock_check(lenient=lenient)]
