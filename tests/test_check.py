@@ -361,3 +361,10 @@ def test_the_installer_helper_is_required_where_configured(tmp_path: Path) -> No
 
 def test_json_lines_are_checks() -> None:
     assert Check("x", "FAIL", "why", "fix").line().startswith("FAIL  x ")
+
+
+def test_a_name_that_does_not_resolve_fails_at_the_host_step() -> None:
+    from edgeagent.check.broker import Endpoint, reach
+
+    (c,) = reach(Endpoint("no-such-host.invalid", 1883), 5.0, "mqtt")  # .invalid never resolves (RFC 2606)
+    assert c.status == "FAIL" and c.name == "mqtt.host" and "does not resolve" in c.reason

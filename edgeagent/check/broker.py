@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,13 +49,36 @@ def tls_context(tls: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
+def resolve(host: str, port: int, timeout_s: float) -> list[Any]:
+    """getaddrinfo with a deadline (it has none of its own): in a daemon thread, so a resolver that
+    never answers cannot hold the check, nor its exit."""
+    out: list[Any] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as exc:
+            error.append(exc)
+
+    worker = threading.Thread(target=run, name="check-resolve", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if error:
+        raise error[0]
+    if worker.is_alive() or not out:
+        raise TimeoutError(f"{host} did not resolve within {timeout_s:g}s")
+    return out
+
+
 def reach(ep: Endpoint, timeout_s: float, what: str) -> list[Check]:
     """Resolve, connect, TLS handshake: one line per step, stopping at the first that fails."""
     where = f"{ep.host}:{ep.port}"
     try:
-        addrs = socket.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        return [fail(f"{what}.host", f"{ep.host} does not resolve: {exc.strerror}",
+        addrs = resolve(ep.host, ep.port, timeout_s)
+    except (socket.gaierror, TimeoutError) as exc:
+        why = exc.strerror if isinstance(exc, socket.gaierror) else f"no answer within {timeout_s:g}s"
+        return [fail(f"{what}.host", f"{ep.host} does not resolve: {why}",
                      "check the name and the board's DNS (resolvectl status)")]
     checks = [ok(f"{what}.host", f"{ep.host} resolves to {addrs[0][4][0]}")]
     try:

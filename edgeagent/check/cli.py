@@ -4,7 +4,8 @@ It loads the config (every error at once), then checks what the agent will meet 
 files the config names, the state dir, the clock (`--static` stops there: the unit's ExecStartPre), then
 the model in its runtime, the broker (resolve, TLS, a real CONNECT), the sensor sources, systemd and the
 installer helper. One line per check; exit 0 when nothing FAILs, 1 when something does, 2 when the
-config itself is invalid. It only reads, so it runs beside a running agent.
+config itself is invalid. It changes nothing (a probe file in the state dir comes and goes), so it
+runs beside a running agent.
 """
 
 from __future__ import annotations
