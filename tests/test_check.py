@@ -330,15 +330,7 @@ def test_source_kinds_are_a_table_and_an_unknown_kind_warns(tmp_path: Path, brok
     assert [c.status for c in checks] == ["ok", "ok", "ok"]
     assert "subscribed to sensors/vibration" in checks[-1].reason
 
-    import edgeagent.check.sources as sources
-
-    cfg = cfgmod.load(csv)
-    orig = sources.configured_sources
-    sources.configured_sources = lambda _cfg: [("sources.bus", "modbus")]  # type: ignore[assignment]
-    try:
-        (c,) = source_checks(cfg, 5.0)
-    finally:
-        sources.configured_sources = orig
+    (c,) = source_checks(cfgmod.load(csv), 5.0, [("sources.bus", "modbus")])  # a kind with no check yet
     assert c.status == "warn" and "modbus" in c.reason
 
 

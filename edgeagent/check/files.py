@@ -45,8 +45,13 @@ def service_user(name: str | None = None) -> User:
     """`name`, else the service user when root runs the check and that user exists, else ourselves.
     KeyError for a name that is not a user here."""
     if name is None:
-        me = pwd.getpwuid(os.geteuid()).pw_name
-        name = SERVICE_USER if os.geteuid() == 0 and _exists(SERVICE_USER) else me
+        if os.geteuid() == 0 and _exists(SERVICE_USER):
+            name = SERVICE_USER
+        else:
+            try:
+                name = pwd.getpwuid(os.geteuid()).pw_name
+            except KeyError:  # a container's uid without a passwd entry: the kernel still knows it
+                return User(str(os.geteuid()), os.geteuid(), frozenset(os.getgroups()) | {os.getegid()})
     pw = pwd.getpwnam(name)
     gids = {pw.pw_gid, *(g.gr_gid for g in grp.getgrall() if name in g.gr_mem)}
     return User(name, pw.pw_uid, frozenset(gids))

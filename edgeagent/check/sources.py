@@ -59,11 +59,13 @@ def configured_sources(cfg: Config) -> list[tuple[str, str]]:
     return [("sensors.source", cfg.sensors.source)]
 
 
-def source_checks(cfg: Config, timeout_s: float) -> list[Check]:
+def source_checks(cfg: Config, timeout_s: float,
+                  sources: list[tuple[str, str]] | None = None) -> list[Check]:
+    """One check per source (`sources` defaults to what the config names)."""
     if not cfg.inference.enabled:
         return []
     checks: list[Check] = []
-    for name, kind in configured_sources(cfg):
+    for name, kind in configured_sources(cfg) if sources is None else sources:
         check = SOURCE_CHECKS.get(kind)
         if check is None:
             checks.append(warn(name, f"no check for sources of kind {kind!r}",
