@@ -196,3 +196,29 @@ def test_a_verb_whose_extra_is_not_installed_says_which_extra(tmp_path: Path) ->
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
     assert "pip install 'edgeagent[fleet]'" in r.stderr and "rich" in r.stderr
+
+
+def test_the_offline_operator_verbs_end_quietly_when_the_reader_leaves(tmp_path: Path) -> None:
+    """`| head -1` on every verb that prints without a broker: no traceback, exit 0. (run prints its
+    log on stderr; push, pull, log-level, collect and simulate need a broker: their output is
+    line-at-a-time progress, and the bad-flag test above covers their arguments.)"""
+    from edgeagent.inference.store import SHIPPED_DIR
+    from edgeagent.ops.fleet.store import Store
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    desired = tmp_path / "desired.json"
+    desired.write_text(json.dumps({"v": 1, "type": "config", "version": 1,
+                                   "config": {"telemetry": {"interval_s": 2.0}}}))
+    Store(tmp_path / "fleet.sqlite").close()
+    db = str(tmp_path / "fleet.sqlite")
+    cases = [("keygen", "--key-id", "k1", "--out-dir", str(keys)),
+             ("sign", "--key", str(keys / "k1.key"), "--key-id", "k1", "--type", "config", str(desired)),
+             ("bench-model", str(SHIPPED_DIR / "vibration-anomaly" / "model.tflite"), "--count", "3",
+              "--rounds", "1"),
+             ("fleet", "devices", "--db", db), ("fleet", "watch", "--db", db, "--once"),
+             ("config", "diff", "-c", str(_config(tmp_path)))]
+    for args in cases:
+        first, status, err = _first_line_then_close(*args)
+        assert first, (args, err)
+        assert status == 0 and "Traceback" not in err and "Exception ignored" not in err, (args, status, err)
