@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # the runtime is imported lazily, per command
 # runtime modules with `add_parsers(sub: argparse._SubParsersAction) -> None`
 PLUGINS: tuple[str, ...] = ("edgeagent.monitor.cli", "edgeagent.config_cli", "edgeagent.transport.cli",
                            "edgeagent.status", "edgeagent.support.cli")
+# verbs the unit runs at every start (ExecStartPre): parsed without loading the other plugins
+CORE_PLUGINS: tuple[str, ...] = ("edgeagent.check.cli",)
 # operator tools plug in from outside the runtime (pyproject.toml [project.entry-points])
 ENTRY_POINT_GROUP = "edgeagent.commands"
 
@@ -48,7 +50,15 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         return _config_errors(exc, path)
     print(f"{path}: OK")
     print(cfgmod.summary(cfg))
-    return 0
+    if args.no_files:
+        return 0
+    # the files it names must be there too (a config can be valid and still name a missing CA file)
+    from edgeagent.check.files import file_checks, service_user
+    from edgeagent.check.result import failed, print_lines
+
+    checks = file_checks(cfg, service_user())
+    print_lines(checks, sys.stdout)
+    return EXIT_FAILURE if failed(checks) else 0
 
 
 def load_run_config(path: Path) -> EffectiveConfig:
@@ -110,7 +120,7 @@ def _config_errors(exc: ConfigError, path: Path) -> int:
     return EXIT_USAGE
 
 
-CORE_COMMANDS = ("run", "check-config")
+CORE_COMMANDS = ("run", "check-config", "check")
 
 # packages that come with an extra, not with the base install (pyproject.toml optional-dependencies)
 OPTIONAL_PACKAGES = {"rich": "fleet", "prometheus_client": "fleet", "tflite_runtime": "tflite",
@@ -129,6 +139,7 @@ Errors are one line on stderr; `edgeagent --debug COMMAND ...` shows the traceba
 
 examples:
   edgeagent check-config /etc/edgeagent/config.toml
+  edgeagent check --config /etc/edgeagent/config.toml
   edgeagent run --config /etc/edgeagent/config.toml
   edgeagent status --json
   edgeagent COMMAND --help
@@ -169,13 +180,18 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--log-level", type=log_level, help=f"override logging.level; {LOG_LEVEL_HELP}")
     run.set_defaults(func=_cmd_run)
 
-    chk = sub.add_parser("check-config", help="validate a config file: exit 0 and a summary, or 2 "
-                                              "and every error with its key path")
+    chk = sub.add_parser("check-config", help="validate a config file and the files it names: exit 0 and "
+                                              "a summary, 1 when a named file is missing or unreadable, "
+                                              "2 and every error with its key path")
     chk.add_argument("file", type=Path, nargs="?", metavar="FILE",
                      help="the config to check (default: as --config)")
     add_config_argument(chk)
+    chk.add_argument("--no-files", action="store_true",
+                     help="check the config only, not the files it names (e.g. on a laptop, for a board)")
     chk.set_defaults(func=_cmd_check_config)
 
+    for name in CORE_PLUGINS:
+        importlib.import_module(name).add_parsers(sub)
     if plugins:
         for name in PLUGINS:
             importlib.import_module(name).add_parsers(sub)

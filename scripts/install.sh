@@ -11,7 +11,8 @@ usage: scripts/install.sh [options]
        scripts/install.sh --uninstall [--purge] [--prefix DIR] [--dry-run]
 
   --prefix DIR          install below DIR (like DESTDIR: files go under DIR, units keep the real
-                        paths); systemctl steps run only for / on a systemd host (default /)
+                        paths). Nothing outside DIR changes: no user is created (an existing one
+                        owns the files), no systemctl; output names paths below DIR (default /)
   --config FILE         agent config to install as /etc/edgeagent/config.toml
                         (default: configs/<board>.toml; an existing edited config is kept)
   --board NAME          raspberry-pi | jetson | default (default: detected)
@@ -128,7 +129,7 @@ ensure_dir() {
     ensure_parents "$path"
     if [ -d "$target" ] && [ ! -L "$target" ]; then
         if [ "$(stat -c '%a %U %G' "$target")" = "${mode#0} $own $grp" ]; then
-            ok "$path"
+            ok "$target"
         elif [ "$IS_ROOT" = 1 ]; then
             run chmod "$mode" "$target"; run chown "$own:$grp" "$target"
         else
@@ -171,7 +172,7 @@ ensure_file() {
     ensure_parents "$path"
     if [ -f "$target" ] && cmp -s "$src" "$target" \
         && [ "$(stat -c '%a %U %G' "$target")" = "${mode#0} $own $grp" ]; then
-        ok "$path"
+        ok "$target"
     else
         if [ "$IS_ROOT" = 1 ]; then
             run install -m "$mode" -o "$own" -g "$grp" "$src" "$target"
@@ -191,7 +192,7 @@ ensure_config() {
         if [ "$6" = 1 ]; then
             run cp -p "$target" "$target.bak"
         else
-            ok "$path (kept: differs from $src, edited locally)"
+            ok "$target (kept: differs from $src, edited locally)"
             return 0
         fi
     fi
@@ -262,6 +263,11 @@ detect_preset() {
 
 # ---------------------------------------------------------------- install steps
 step_user() {
+    if [ -n "$PREFIX" ]; then
+        # A prefix is another system's tree (an image, a chroot): its users are not ours to make,
+        # and nothing outside the prefix may change. An existing user of that name owns the files.
+        ok "user step skipped (--prefix: create the system user $SVC_USER on the target system)"; return 0
+    fi
     if [ "$CREATE_USER" = 0 ]; then
         ok "user step skipped (--no-user)"; return 0
     fi
@@ -289,7 +295,7 @@ step_user() {
 
 # Owner of the agent's files: the service user once it exists (in a dry run: as it would).
 agent_user() {
-    if [ "$CREATE_USER" = 1 ] && { getent passwd "$SVC_USER" >/dev/null || [ "$DRY_RUN" = 1 ]; }; then
+    if [ "$CREATE_USER" = 1 ] && { getent passwd "$SVC_USER" >/dev/null || { [ "$DRY_RUN" = 1 ] && [ -z "$PREFIX" ]; }; }; then
         echo "$SVC_USER"
     else
         echo root
@@ -329,7 +335,7 @@ step_venv() {
         [ -x "$VENV_FROM/bin/python" ] || die "--venv-from $VENV_FROM: no bin/python"
         "$VENV_FROM/bin/python" -c 'import edgeagent' 2>/dev/null || die "--venv-from $VENV_FROM: edgeagent is not installed in it"
         if [ -L "$venv" ] && [ "$(readlink "$venv")" = "$VENV_FROM" ]; then
-            ok "$VENV -> $VENV_FROM"
+            ok "$venv -> $VENV_FROM"
         else
             [ -e "$venv" ] || [ -L "$venv" ] && run rm -rf "$venv"
             run ln -s "$VENV_FROM" "$venv"
@@ -352,7 +358,7 @@ step_venv() {
     fi
     stamp="$venv/.edgeagent-stamp"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-        ok "$VENV ($want)"
+        ok "$venv ($want)"
         record venv - "$VENV"
         return 0
     fi
@@ -402,9 +408,9 @@ step_config() {
     done
     if [ -f "$(P "$ETC/installer.toml")" ]; then
         # Never rewritten: it is root's policy. The manifest keeps the checksum we wrote, if ours.
-        ok "$ETC/installer.toml (kept)"
+        ok "$(P "$ETC/installer.toml") (kept)"
         grep -q '^[[:space:]]*trusted_keys[[:space:]]*=' "$(P "$ETC/installer.toml")" 2>/dev/null \
-            || echo "    warning: $ETC/installer.toml has no trusted_keys: the root helper refuses every firmware install"
+            || echo "    warning: $(P "$ETC/installer.toml") has no trusted_keys: the root helper refuses every firmware install"
         return 0
     fi
     preset="${PRESET:-$(detect_preset)}"
@@ -474,7 +480,7 @@ write_manifest() {
     printf '%s\n' "${RECORDS[@]}" >"$tmp"
     local target; target="$(P "$MANIFEST")"
     if [ -f "$target" ] && cmp -s "$tmp" "$target"; then
-        ok "$MANIFEST"
+        ok "$target"
     else
         run install -m 0644 "$tmp" "$target"
     fi
@@ -491,13 +497,24 @@ do_install() {
     load_manifest
     say "user $SVC_USER"; step_user
     say "directories"; step_dirs
-    say "venv $VENV"; step_venv
-    say "config $ETC"; step_config "$board"
+    say "venv $(P "$VENV")"; step_venv
+    say "config $(P "$ETC")"; step_config "$board"
     say "systemd units"; step_units "$board"
     say "manifest"; write_manifest
     say "services"; step_systemd
     if [ "$DRY_RUN" = 1 ]; then
         echo; echo "dry run: nothing was changed"; return 0
+    fi
+    if [ -n "$PREFIX" ]; then
+        # Only paths below the prefix: the target's own paths mean nothing on this machine.
+        cat <<EOF
+
+edgeagent is installed below $PREFIX (board: $board); nothing outside it was changed.
+Edit $(P "$ETC")/config.toml (device.id, mqtt.host, TLS files in $(P "$ETC")/tls/).
+On the target system: create the system user $SVC_USER, then enable edgeagent.service and
+edgeagent-installer.path (systemctl enable --now), and run \`edgeagent check\` there.
+EOF
+        return 0
     fi
     cat <<EOF
 
@@ -534,7 +551,7 @@ do_uninstall() {
                 if [ "$PURGE" = 1 ] || [ "$(sha256sum <"$target" | cut -d' ' -f1)" = "$sum" ]; then
                     run rm -f "$target"
                 else
-                    ok "kept $path (edited; --purge removes it)"
+                    ok "kept $target (edited; --purge removes it)"
                 fi ;;
             venv)
                 if [ -L "$target" ]; then run rm -f "$target"; elif [ -d "$target" ]; then run rm -rf "$target"; fi ;;
@@ -544,12 +561,14 @@ do_uninstall() {
                 [ -d "$target" ] || continue
                 if [ "$PURGE" = 1 ] && [ "$path" = "$LOGS" ]; then run rm -rf "$target"; continue; fi
                 if [ -z "$(ls -A "$target")" ] || [ "$DRY_RUN" = 1 ]; then run rmdir "$target" || true
-                else ok "kept $path (not empty)"; fi ;;
+                else ok "kept $target (not empty)"; fi ;;
             user) users+=("$path") ;;
         esac
     done
     for u in "${users[@]+"${users[@]}"}"; do
-        if [ "$PURGE" = 1 ]; then
+        if [ -n "$PREFIX" ]; then
+            ok "kept user $u (--prefix: users are the target system's)"
+        elif [ "$PURGE" = 1 ]; then
             getent passwd "$u" >/dev/null && run userdel "$u"
             getent group "$u" >/dev/null && run groupdel "$u"
         else
@@ -557,7 +576,7 @@ do_uninstall() {
         fi
     done
     [ "$SYSTEMD" = 1 ] && run systemctl daemon-reload
-    say "uninstalled${PREFIX:+ from $PREFIX}$([ "$PURGE" = 1 ] || echo "; kept $STATE")"
+    say "uninstalled${PREFIX:+ from $PREFIX}$([ "$PURGE" = 1 ] || echo "; kept $(P "$STATE")")"
 }
 
 if [ "$UNINSTALL" = 1 ]; then do_uninstall; else do_install; fi

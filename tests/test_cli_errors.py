@@ -135,7 +135,7 @@ def test_output_closed_early_ends_quietly(tmp_path: Path) -> None:
     spool.close()
     cases = [("--help",), ("metrics", "-c", cfg, "-n", "3"), ("config", "show", "-c", cfg),
              ("spool", "stats", "-c", cfg), ("status", "--json", "--state-dir", str(tmp_path / "state")),
-             ("check-config", cfg)]
+             ("check-config", cfg), ("check", "--static", "-c", cfg), ("check", "--json", "-c", cfg)]
     for args in cases:
         first, status, err = _first_line_then_close(*args)
         assert first, args
@@ -155,7 +155,7 @@ def test_a_broken_pipe_on_stdout_after_the_reader_left_is_exit_0(tmp_path: Path)
     ("status", "--config", "{missing}"), ("config", "show", "-c", "{missing}"),
     ("config", "diff", "-c", "{missing}"), ("spool", "stats", "-c", "{missing}"),
     ("metrics", "-c", "{missing}"),
-    ("check-config", "{missing}"), ("run", "--config", "{missing}")])
+    ("check-config", "{missing}"), ("run", "--config", "{missing}"), ("check", "-c", "{missing}")])
 def test_a_missing_config_file_is_one_line_and_status_2(tmp_path: Path, args: tuple[str, ...]) -> None:
     missing = str(tmp_path / "nope.toml")
     r = edgeagent(*(a.format(missing=missing) for a in args))
@@ -196,3 +196,29 @@ def test_a_verb_whose_extra_is_not_installed_says_which_extra(tmp_path: Path) ->
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
     assert "pip install 'edgeagent[fleet]'" in r.stderr and "rich" in r.stderr
+
+
+def test_the_offline_operator_verbs_end_quietly_when_the_reader_leaves(tmp_path: Path) -> None:
+    """`| head -1` on every verb that prints without a broker: no traceback, exit 0. (run prints its
+    log on stderr; push, pull, log-level, collect and simulate need a broker: their output is
+    line-at-a-time progress, and the bad-flag test above covers their arguments.)"""
+    from edgeagent.inference.store import SHIPPED_DIR
+    from edgeagent.ops.fleet.store import Store
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    desired = tmp_path / "desired.json"
+    desired.write_text(json.dumps({"v": 1, "type": "config", "version": 1,
+                                   "config": {"telemetry": {"interval_s": 2.0}}}))
+    Store(tmp_path / "fleet.sqlite").close()
+    db = str(tmp_path / "fleet.sqlite")
+    cases = [("keygen", "--key-id", "k1", "--out-dir", str(keys)),
+             ("sign", "--key", str(keys / "k1.key"), "--key-id", "k1", "--type", "config", str(desired)),
+             ("bench-model", str(SHIPPED_DIR / "vibration-anomaly" / "model.tflite"), "--count", "3",
+              "--rounds", "1"),
+             ("fleet", "devices", "--db", db), ("fleet", "watch", "--db", db, "--once"),
+             ("config", "diff", "-c", str(_config(tmp_path)))]
+    for args in cases:
+        first, status, err = _first_line_then_close(*args)
+        assert first, (args, err)
+        assert status == 0 and "Traceback" not in err and "Exception ignored" not in err, (args, status, err)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -73,9 +74,8 @@ def test_dry_run_prints_every_step_and_changes_nothing(tmp_path: Path, user: str
     out = proc.stdout
     assert list(prefix.iterdir()) == [], "a dry run must not touch the prefix"
     assert "dry run: nothing was changed" in out
-    if IS_ROOT:
-        assert not user_exists(user)
-        assert "[dry-run] useradd --system --user-group --home-dir /var/lib/edgeagent" in out
+    assert not user_exists(user) and "useradd" not in out, "a prefix is another system's: no user is made"
+    assert f"user step skipped (--prefix: create the system user {user} on the target system)" in out
     for step in ("/var/lib/edgeagent/updates", "/var/lib/edgeagent/installer", "/var/log/edgeagent",
                  "configs/raspberry-pi.toml", "/etc/edgeagent/config.toml", "/etc/edgeagent/installer.toml",
                  "edgeagent.service ", "edgeagent-installer.service ", "edgeagent-installer.path ",
@@ -91,7 +91,8 @@ def test_install_twice_changes_nothing_and_uninstall_keeps_state(tmp_path: Path,
     prefix.mkdir()
     first = install(prefix, "--board", "raspberry-pi", user=user)
     assert "systemctl steps skipped" in first.stdout
-    assert "journalctl -u edgeagent" in first.stdout and "systemctl status edgeagent" in first.stdout
+    assert f"edgeagent is installed below {prefix}" in first.stdout
+    assert f"Edit {prefix}/etc/edgeagent/config.toml" in first.stdout and "edgeagent check" in first.stdout
 
     for unit in ("edgeagent.service", "edgeagent-installer.service", "edgeagent-installer.path"):
         assert (prefix / "etc/systemd/system" / unit).read_bytes() == (ROOT / "systemd" / unit).read_bytes()
@@ -106,12 +107,10 @@ def test_install_twice_changes_nothing_and_uninstall_keeps_state(tmp_path: Path,
     assert os.readlink(prefix / "opt/edgeagent/venv") == str(VENV.resolve())
     state = prefix / "var/lib/edgeagent"
     assert state.stat().st_mode & 0o777 == 0o750
-    if IS_ROOT:
-        uid = pwd.getpwnam(user).pw_uid
-        assert state.stat().st_uid == uid and (state / "updates").stat().st_uid == uid
-        assert config.stat().st_uid == 0 and config.stat().st_gid == pwd.getpwnam(user).pw_gid
-        assert installer_toml.stat().st_uid == 0
-        assert f"User={user}" in (dropins / "user.conf").read_text()
+    assert not user_exists(user)
+    assert f"User={user}" in (dropins / "user.conf").read_text()
+    if IS_ROOT:  # no such user here: root keeps the files (the target system's user takes them over)
+        assert state.stat().st_uid == 0 and config.stat().st_uid == 0 and installer_toml.stat().st_uid == 0
 
     before = snapshot(prefix)
     second = install(prefix, "--board", "raspberry-pi", user=user)
@@ -126,8 +125,7 @@ def test_install_twice_changes_nothing_and_uninstall_keeps_state(tmp_path: Path,
     left = {str(p.relative_to(prefix)) for p in prefix.rglob("*")}
     assert left == STATE_DIRS | {"var/lib/edgeagent/spool.sqlite", "etc", "etc/edgeagent",
                                  "etc/edgeagent/config.toml"}
-    if IS_ROOT:
-        assert user_exists(user), "the user owns the kept state dir"
+    assert not user_exists(user)
 
 
 def test_purge_removes_everything_install_added(tmp_path: Path, user: str) -> None:
@@ -250,3 +248,65 @@ def test_an_installer_toml_without_trusted_keys_is_written_commented_and_warned_
     assert "# trusted_keys = {" in text and "every install is refused" in text
     again = install(prefix, "--no-venv")
     assert "has no trusted_keys: the root helper refuses every firmware install" in again.stdout
+
+
+RECORDER = """#!/bin/sh
+echo "$(basename "$0") $*" >> "{log}"
+exit 0
+"""
+HOST_PATHS = ("/etc/edgeagent", "/opt/edgeagent", "/var/lib/edgeagent", "/var/lib/edgeagent-installer",
+              "/var/log/edgeagent", "/etc/systemd/system/edgeagent.service",
+              "/etc/systemd/system/edgeagent-installer.service",
+              "/etc/systemd/system/edgeagent-installer.path",
+              "/etc/systemd/system/edgeagent.service.d")
+
+
+def _host_state() -> dict[str, object]:
+    out: dict[str, object] = {}
+    for p in HOST_PATHS:
+        path = Path(p)
+        out[p] = snapshot(path) if path.exists() else None
+    return out
+
+
+def test_prefix_touches_nothing_outside_it(tmp_path: Path, user: str) -> None:
+    """install, re-run and uninstall --purge below a prefix: no user or group made or removed (the
+    tools that would do it are replaced by recorders on PATH), no systemctl, none of the target's paths
+    on this host created or changed, no temp file left behind, and every path printed is below the
+    prefix unless it is an input (the source tree, the venv given)."""
+    bin_dir, log, scratch = tmp_path / "bin", tmp_path / "calls.log", tmp_path / "tmp"
+    bin_dir.mkdir()
+    scratch.mkdir()
+    for tool in ("useradd", "usermod", "userdel", "groupadd", "groupdel", "systemctl"):
+        (bin_dir / tool).write_text(RECORDER.format(log=log))
+        (bin_dir / tool).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "TMPDIR": str(scratch)}
+    prefix = tmp_path / "root"
+    prefix.mkdir()
+    host_before = _host_state()
+    runs = [install(prefix, "--board", "raspberry-pi", user=user, env=env),
+            install(prefix, "--board", "raspberry-pi", user=user, env=env),
+            install(prefix, "--uninstall", "--purge", user=user, env=env)]
+    assert not log.exists(), log.read_text()
+    assert not user_exists(user)
+    assert _host_state() == host_before
+    assert list(scratch.iterdir()) == [], "temp files are removed"
+    assert list(prefix.iterdir()) == []
+    inputs = (str(prefix), str(ROOT), str(VENV), str(VENV.resolve()), str(scratch))
+    printed = [m for r in runs for m in re.findall(r"(?<![\w.])/[\w.+-][\w./+-]*", r.stdout + r.stderr)]
+    assert printed and [p for p in printed if not p.startswith(inputs)] == []
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="making a user needs root")
+def test_an_existing_user_owns_the_agent_files_below_a_prefix(tmp_path: Path, user: str) -> None:
+    subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", user], check=True)
+    prefix = tmp_path / "root"
+    prefix.mkdir()
+    install(prefix, "--board", "default", user=user)
+    uid, gid = pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid
+    state = prefix / "var/lib/edgeagent"
+    assert state.stat().st_uid == uid and (state / "updates").stat().st_uid == uid
+    config = prefix / "etc/edgeagent/config.toml"
+    assert config.stat().st_uid == 0 and config.stat().st_gid == gid
+    install(prefix, "--uninstall", "--purge", user=user)
+    assert user_exists(user), "a prefix uninstall never removes a user"

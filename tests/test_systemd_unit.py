@@ -91,6 +91,9 @@ def test_agent_unit_contract() -> None:
     assert settings["ProtectSystem"] == "strict"
     assert settings["StateDirectory"] == settings["LogsDirectory"] == "edgeagent"
     assert settings["ExecStart"].endswith("run --config /etc/edgeagent/config.toml")
+    # the static self-check runs first, on the same config, so a broken one fails with a readable line
+    assert settings["ExecStartPre"] == ("/opt/edgeagent/venv/bin/edgeagent check --static "
+                                        "--config /etc/edgeagent/config.toml")
     # Shutdown: the agent's default agent.shutdown_timeout_s is 10 s; systemd must wait longer.
     assert _seconds(settings["TimeoutStopSec"]) > 10
     assert _seconds(settings["WatchdogSec"]) >= 10
