@@ -79,10 +79,11 @@ def _cmd_push(args: argparse.Namespace) -> int:
     path = Path(what[0])
     if not path.is_file():
         return _usage(f"{path}: no such file")
-    job = args.job or f"{args.name}-{args.version}-{uuid.uuid4().hex[:8]}"
+    # the default job id fits the 64 characters devices accept, however long the name
+    job = args.job or f"{args.name}-{args.version}"[:55] + f"-{uuid.uuid4().hex[:8]}"
     try:
-        check_job(job)
         check_name_version(args.name, args.version)
+        check_job(job)
         facts = model_facts(path) if args.kind == "model" else None
     except (PushCheckFailed, OSError) as exc:
         return _usage(f"not sent: {exc}")

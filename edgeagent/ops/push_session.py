@@ -56,13 +56,18 @@ def serve(client: Any, make_pusher: Callable[[], Pusher], timeout_s: float) -> P
     """Run a Pusher until it finishes or `timeout_s` passes; if the broker went away under it (paho
     raises "not currently connected"), wait for paho's reconnect and run it again: the same manifest
     is a no-op on the device and it asks again for the chunks it lacks."""
-    end = time.monotonic() + timeout_s
+    start = time.monotonic()
+    end = start + timeout_s
+    carried: PushResult | None = None
     while True:
         pusher = make_pusher()
+        if carried is not None:
+            pusher.result = carried  # what the devices said and what was sent so far
+        carried = pusher.result
         try:
-            result = pusher.run(max(1.0, end - time.monotonic()))
+            pusher.run(max(1.0, end - time.monotonic()))
             if pusher.finished() or time.monotonic() >= end:
-                return result
+                break
         except (RuntimeError, ValueError) as exc:
             if time.monotonic() >= end:
                 raise
@@ -70,4 +75,6 @@ def serve(client: Any, make_pusher: Callable[[], Pusher], timeout_s: float) -> P
         while not client.is_connected() and time.monotonic() < end:
             time.sleep(0.2)
         if time.monotonic() >= end:
-            return pusher.result
+            break
+    carried.seconds = time.monotonic() - start
+    return carried
