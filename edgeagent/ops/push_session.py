@@ -14,6 +14,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
 from edgeagent.ops.fleet.connect import BrokerUrl, connect_and_wait, make_client
 
 if TYPE_CHECKING:
@@ -48,7 +51,10 @@ def open_session(url: BrokerUrl, client_id: str, session_expiry_s: int, retry_s:
 
 
 def close_session(client: Any) -> None:
-    client.disconnect()
+    """Disconnect and let the broker drop the session (expiry 0): the job is over for us."""
+    props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 0
+    client.disconnect(properties=props)  # not connected: the session expires by itself
     client.loop_stop()
 
 
