@@ -109,7 +109,8 @@ class Pusher:
     def __init__(self, client: Any, prefix: str, manifest: dict[str, Any], artifact: Path,
                  device: str | None = None, group: str | None = None, expect: int = 1,
                  on_status: Callable[[str, dict[str, Any]], None] | None = None,
-                 devices: Collection[str] | None = None) -> None:
+                 devices: Collection[str] | None = None,
+                 reachable: Callable[[str], bool] | None = None) -> None:
         self.client = client
         self.m = manifest
         self.artifact = artifact
@@ -119,6 +120,9 @@ class Pusher:
         self.watch = f"{prefix}/{device or '+'}/updates/{self.job}/"
         self.expect = expect
         self.devices = set(devices) if devices is not None else None
+        # whether a device is online now: the manifest is said again only for those (an offline
+        # device's broker session already holds it; repeats would pile up there)
+        self.reachable = reachable
         self.on_status = on_status
         self._cv = threading.Condition()
         self._resend: set[int] = set()
@@ -180,7 +184,10 @@ class Pusher:
         """Someone expected has not answered yet (offline, or not subscribed yet)."""
         if self.devices is None:
             return not self._status
-        return not self.devices <= self._status.keys()
+        silent = self.devices - self._status.keys()
+        if self.reachable is not None:
+            silent = {d for d in silent if self.reachable(d)}
+        return bool(silent)
 
     def run(self, timeout_s: float, start_wait_s: float = 0.0) -> PushResult:
         """Serve the update until the expected devices reached a final state or `timeout_s` passed.

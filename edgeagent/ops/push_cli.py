@@ -150,7 +150,8 @@ def _push(args: argparse.Namespace, client: Any, path: Path, signed: dict[str, A
     try:
         result = serve(client, lambda: Pusher(client, args.prefix, signed, path, device=args.device,
                                               group=args.group, expect=args.expect, on_status=reporter.status,
-                                              devices=targets.keys()), parse_duration_s(args.timeout or "1h"))
+                                              devices=targets.keys(), reachable=roster.is_online),
+                       parse_duration_s(args.timeout or "1h"))
     finally:
         reporter.close()
     return _report(targets.keys(), roster.snapshot(), result)

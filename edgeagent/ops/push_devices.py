@@ -110,6 +110,10 @@ class Roster:
         with self._cv:
             return dict(self.docs)
 
+    def is_online(self, device: str) -> bool:
+        with self._cv:
+            return online(self.docs.get(device, {}))
+
     def members(self, group: str) -> dict[str, dict[str, Any]]:
         """The devices whose retained status lists `group` (online, or offline with their will)."""
         return {d: doc for d, doc in self.snapshot().items()
