@@ -180,3 +180,33 @@ def test_push_survives_a_broker_restart(fleet: Fleet, tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cancel_of_an_installing_job_says_how_it_ended(fleet: Fleet, tmp_path: Path) -> None:
+    gate = tmp_path / "install-gate"
+    agent = fleet.start("dev1", "--install-gate", str(gate))
+    push = subprocess.Popen([*fleet.base("--device", "dev1"), "--kind", "model", "--name",
+                             "vibration-anomaly", "--version", "2.0.0", "--job", "late", "--chunk-kb", "4",
+                             "--timeout", "120s", str(MODEL)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cancel: subprocess.Popen[str] | None = None
+    try:
+        wait_until(lambda: agent.job_state("late") == "installing", 60, message="installing")
+        cancel = subprocess.Popen([*fleet.base("--device", "dev1", "--timeout", "60s"), "cancel", "late"],
+                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert cancel.stderr is not None
+        first = cancel.stderr.readline()  # blocks until the device answered (or the cancel gave up)
+        assert first.startswith("dev1: too late: it is installing"), first
+        gate.touch()  # the install goes on and ends
+        out, err = cancel.communicate(timeout=90)
+        assert cancel.returncode == 1  # not cancelled
+        assert "dev1: too late (it was installing): it ended succeeded" in err
+        assert push_table(out)["dev1"][0] == "not cancelled"
+        pushed, _ = push.communicate(timeout=90)
+        assert push.returncode == 0 and push_table(pushed)["dev1"][0] == "succeeded"
+        assert agent.job_state("late") == "succeeded"
+    finally:
+        for proc in (push, cancel):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
