@@ -116,6 +116,11 @@ def test_auto_falls_back_to_311_on_amqtt_and_remembers(tmp_path: Path) -> None:
             assert late.on("edge/dev1/status")[-1]["state"] == "online"
         finally:
             late.close()
+        # commands arrive too (QoS 1, acknowledged by hand on 3.1.1 as on 5): a malformed manifest
+        # is answered with a retained "rejected" job status
+        obs.publish("edge/dev1/updates/junk/manifest", b"{not json")
+        wait_until(lambda: obs.on("edge/dev1/updates/junk/status"), 20, message="the device answered")
+        assert obs.on("edge/dev1/updates/junk/status")[-1]["state"] == "rejected"
         wait_until(lambda: agent.health().get("sections", {}).get("mqtt", {}).get("protocol") == "3.1.1", 10)
         status = subprocess.run([sys.executable, "-m", "edgeagent.cli", "status", "--state-dir",
                                  str(agent.state)], cwd=ROOT, capture_output=True, text=True, timeout=60)
