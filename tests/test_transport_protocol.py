@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import pytest
 
 from edgeagent.transport.negotiate import (
     PROTOCOL_FILE,
+    REFRESH_AFTER_S,
     REPROBE_AFTER_S,
     ProtocolChoice,
     is_version_problem,
@@ -60,6 +62,14 @@ def test_choice_forced_auto_remembered_and_reprobed(tmp_path: Path) -> None:
     assert ProtocolChoice("auto", tmp_path).first == "5"
     with pytest.raises(ValueError):
         remember(tmp_path, "4")
+    # a reconnect does not touch the disk; a day later the same version is confirmed (mtime)
+    remember(tmp_path, "5")
+    stamp = (tmp_path / PROTOCOL_FILE).stat().st_mtime
+    os.utime(tmp_path / PROTOCOL_FILE, (stamp - 10, stamp - 10))
+    remember(tmp_path, "5")
+    assert (tmp_path / PROTOCOL_FILE).stat().st_mtime == stamp - 10
+    remember(tmp_path, "5", now=time.time() + REFRESH_AFTER_S + 60)
+    assert (tmp_path / PROTOCOL_FILE).stat().st_mtime > stamp - 10
 
 
 @pytest.mark.integration

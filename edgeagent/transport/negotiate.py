@@ -25,6 +25,7 @@ PROTOCOL_FILE = "mqtt_protocol"
 VERSIONS = ("5", "3.1.1")
 AUTO = "auto"
 REPROBE_AFTER_S = 7 * 86400.0
+REFRESH_AFTER_S = 86400.0
 
 # lowercase fragments of a failed connect's reason that mean "this broker does not do MQTT 5"
 _VERSION_PROBLEMS = ("unsupported protocol version", "unacceptable protocol version",
@@ -46,11 +47,15 @@ def remembered(state_dir: Path) -> str | None:
     return text if text in VERSIONS else None
 
 
-def remember(state_dir: Path, version: str) -> None:
-    """Write `version` to the state dir, atomically, on every successful connect (its mtime says
-    when it was last confirmed). A failure is logged, never raised: the next start probes again."""
+def remember(state_dir: Path, version: str, now: float | None = None) -> None:
+    """Write `version` to the state dir, atomically, when it changed or was last confirmed more
+    than a day ago (its mtime says when; a reconnect does not touch the disk otherwise). A failure
+    is logged, never raised: the next start probes again."""
     if version not in VERSIONS:
         raise ValueError(f"unknown MQTT version {version!r}")
+    path = state_dir / PROTOCOL_FILE
+    if remembered(state_dir) == version and _age_s(path, now) < REFRESH_AFTER_S:
+        return
     try:
         atomic_write_text(state_dir / PROTOCOL_FILE, version + "\n")
     except OSError as exc:
