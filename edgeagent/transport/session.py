@@ -367,16 +367,27 @@ class Session:
 
     async def _connected_phase(self, client: aiomqtt.Client, cfg: Config) -> None:
         timeout_s = max(5.0, float(cfg.mqtt.keepalive_s))
-        status = self._status()
-        await client.publish(self.topics.status, dumps(status), qos=1, retain=True, timeout=timeout_s)
-        subscribed: set[str] = set()
-        await self._subscribe(client, [self.ping_topic, *self.router.filters], subscribed, timeout_s)
+        # reading (and acknowledging, by hand) starts before we wait for our first PUBACK: a broker
+        # that re-sends a resumed session's unacknowledged messages first and waits for their
+        # PUBACKs before it reads ours (amqtt, MQTT 3.1.1) would otherwise wait for us as we wait
+        # for it, until both time out
+        receiver = asyncio.create_task(self._receive(client), name="mqtt-receive")
+        try:
+            status = self._status()
+            await client.publish(self.topics.status, dumps(status), qos=1, retain=True, timeout=timeout_s)
+            subscribed: set[str] = set()
+            await self._subscribe(client, [self.ping_topic, *self.router.filters], subscribed, timeout_s)
+        except BaseException:
+            receiver.cancel()
+            with contextlib.suppress(BaseException):
+                await receiver
+            raise
         self._set_connected(True)
         self._client = client
         publisher = Publisher(self.spool, self.outbox, self.topics, self._config, self.stats)
         self._publisher = publisher
         tasks = [
-            asyncio.create_task(self._receive(client), name="mqtt-receive"),
+            receiver,
             asyncio.create_task(publisher.run(client, timeout_s), name="mqtt-publish-spool"),
             asyncio.create_task(self._late_subscribe(client, subscribed, timeout_s), name="mqtt-subscribe"),
             asyncio.create_task(self._ping(client), name="mqtt-ping"),
