@@ -35,9 +35,13 @@ from edgeagent.ops.push_report import Reporter, outcome, table
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
-DESCRIPTION = ("push FILE: check the file, find the devices from their retained status, sign, send, "
-               "report each device's outcome as it happens, then a table. push cancel JOB: sign and "
-               "send a cancel, print each device's answer.")
+USAGE = """%(prog)s (--device D | --group G) --kind KIND --name NAME --version VERSION
+                      --key KEY --key-id ID [options] FILE
+       %(prog)s cancel JOB (--device D | --group G) --key KEY --key-id ID [--timeout T]"""
+DESCRIPTION = """\
+push FILE: check the file, find the devices from their retained status, sign, send, report each
+device's outcome as it happens (stderr), then a table (stdout).
+push cancel JOB: sign and send a cancel, print each device's answer."""
 EPILOG = """\
 examples:
   edgeagent push --device pi-07 --kind model --name vibration-anomaly --version 1.4.0 \\
@@ -217,7 +221,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     add_keygen_sign(sub)
     ps = sub.add_parser("push", help="check, sign and push a model or firmware update and follow each device "
                                      "to the end; or cancel a job (push cancel JOB)",
-                        description=DESCRIPTION,
+                        usage=USAGE, description=DESCRIPTION,
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = ps.add_mutually_exclusive_group(required=True)
     target.add_argument("--device", help="the one device it is for (signed as targets.devices)")
