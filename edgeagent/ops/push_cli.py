@@ -150,7 +150,11 @@ def _push(args: argparse.Namespace, client: Any, path: Path, signed: dict[str, A
         reporter.note(f"{device}: {describe(doc)}{extra}")
         for problem in refused.get(device, []):
             reporter.note(f"{device}: will refuse it: {problem}")
-    roster.on_change = lambda device, doc: reporter.presence(device, doc, describe(doc))
+    def presence(device: str, doc: dict[str, Any]) -> None:
+        if device in targets:  # a group push hears every device's status; only members are news
+            reporter.presence(device, doc, describe(doc))
+
+    roster.on_change = presence
     try:
         result = serve(client, lambda: Pusher(client, args.prefix, signed, path, device=args.device,
                                               group=args.group, expect=args.expect, on_status=reporter.status,
