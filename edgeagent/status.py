@@ -20,6 +20,7 @@ from typing import Any
 from edgeagent.core.config_path import add_config_argument
 
 HEALTH_FILE = "health.json"  # edgeagent.health.HEALTH_FILE; not imported to keep `status` light
+PROTOCOL_FILE = "mqtt_protocol"  # edgeagent.transport.negotiate.PROTOCOL_FILE (same reason)
 DEFAULT_INTERVAL_S = 5.0
 STALE_AFTER_INTERVALS = 3
 FINAL_JOB_STATES = frozenset({"rejected", "succeeded", "failed", "rolled_back", "cancelled"})
@@ -123,8 +124,19 @@ def pending_jobs(health: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [j for j in jobs if isinstance(j, Mapping) and j.get("state") not in FINAL_JOB_STATES]
 
 
-def render(health: Mapping[str, Any], verdict: Assessment, now: float) -> str:
-    """The human report; every section is optional, absent ones say so instead of failing."""
+def remembered_protocol(state_dir: Path) -> str | None:
+    """The MQTT version the agent last negotiated (mqtt.protocol "auto"), from the state dir."""
+    try:
+        text = (state_dir / PROTOCOL_FILE).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if text in ("5", "3.1.1") else None
+
+
+def render(health: Mapping[str, Any], verdict: Assessment, now: float,
+           protocol: str | None = None) -> str:
+    """The human report; every section is optional, absent ones say so instead of failing.
+    `protocol`: the remembered MQTT version, shown when health has none (not connected yet)."""
     lines: list[str] = []
     if verdict.running:
         head = f"running (pid {health.get('pid')}, up {_duration(now - _num(health.get('started_at'), now))}"
@@ -151,7 +163,9 @@ def render(health: Mapping[str, Any], verdict: Assessment, now: float) -> str:
     elif mqtt:
         word = "connected" if mqtt.get("connected") else "disconnected"
         since = f" since {_clock(mqtt['since'])}" if mqtt.get("since") else ""
-        lines.append(f"{'mqtt':<16}{word}{since}")
+        spoken = mqtt.get("protocol")
+        version = f", MQTT {spoken}" if spoken else (f", MQTT {protocol} last time" if protocol else "")
+        lines.append(f"{'mqtt':<16}{word}{since}{version}")
     inference = _section(health, "inference")
     pipelines = inference.get("pipelines")
     if isinstance(pipelines, dict):  # [[pipelines]]: one line each
@@ -224,12 +238,14 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_UNKNOWN
     now = time.time()
     verdict = assess(health, now)
+    protocol = remembered_protocol(state_dir)
     if args.json:
         out = {"running": verdict.running, "healthy": verdict.healthy, "problems": list(verdict.problems),
-               "age_s": round(verdict.age_s, 3), "pending_jobs": pending_jobs(health), "health": health}
+               "age_s": round(verdict.age_s, 3), "pending_jobs": pending_jobs(health),
+               "mqtt_protocol": protocol, "health": health}
         print(json.dumps(out, indent=1, sort_keys=True))
     else:
-        print(render(health, verdict, now))
+        print(render(health, verdict, now, protocol))
     return verdict.exit_code
 
 

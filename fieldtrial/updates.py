@@ -20,8 +20,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeagent.core import signing
-from edgeagent.ops.fleet.connect import BrokerUrl, connect_and_wait, make_client
+from edgeagent.ops.fleet.connect import BrokerUrl
 from edgeagent.ops.push import Pusher, build_manifest
+from edgeagent.ops.push_session import close_session, open_session, serve
 from fieldtrial.fwtool import FAIL_HEALTH, FAIL_INSTALL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,38 +123,13 @@ class SlowPusher(Pusher):
 
 def push(port: int, manifest: dict[str, Any], artifact: Path, device: str, timeout_s: float,
          chunk_delay_s: float = 0.0, stop: threading.Event | None = None) -> None:
-    """Publish and serve one update until the device finishes it (or the timeout).
-
-    The operator's session is persistent (clean_start off, session expiry): a broker restart in the
-    middle keeps its subscriptions (status, chunk requests) and its unacknowledged chunks; paho
-    reconnects by itself. The first connect is retried while the broker is down."""
+    """Publish and serve one update until the device finishes it (or the timeout), as `edgeagent
+    push` does (ops/push_session.py): a persistent session per job survives a broker restart in the
+    middle; the first connect is retried while the broker is down."""
     url = BrokerUrl.parse(f"mqtt://127.0.0.1:{port}")
-    deadline = time.monotonic() + 60.0
-    while True:
-        client = make_client(url, f"trial-push-{manifest['job']}", clean_start=False)
-        try:
-            connect_and_wait(client, url, 10, clean_start=False, session_expiry_s=3600)
-            break
-        except ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-    end = time.monotonic() + timeout_s
+    client = open_session(url, f"trial-push-{manifest['job']}", 3600, retry_s=60.0, keepalive_s=10)
     try:
-        while True:
-            try:
-                result = SlowPusher(client, "edge", manifest, artifact, device=device,
-                                    chunk_delay_s=chunk_delay_s).run(max(1.0, end - time.monotonic()), 10.0)
-                if result.states or time.monotonic() >= end:
-                    return
-            except (RuntimeError, ValueError) as exc:  # paho: "not currently connected" (broker restart)
-                if time.monotonic() >= end:
-                    raise
-                log.info("push of %s interrupted (%s); serving it again once reconnected",
-                         manifest["job"], exc)
-            # publish the manifest again (the same manifest is a no-op) and serve what is missing
-            while not client.is_connected() and time.monotonic() < end:
-                time.sleep(0.2)
+        serve(client, lambda: SlowPusher(client, "edge", manifest, artifact, device=device,
+                                         chunk_delay_s=chunk_delay_s), timeout_s)
     finally:
-        client.disconnect()
-        client.loop_stop()
+        close_session(client)

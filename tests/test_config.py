@@ -79,7 +79,7 @@ def test_default_toml_documents_every_key() -> None:
         ({"telemetri": {}}, "telemetri: unknown key (did you mean 'telemetry'?)"),
         ({"device": {"id": "a/b#"}}, "device.id: expected 1-64 characters"),
         ({"device": {"id": "dev1\n"}}, "device.id: expected 1-64 characters"),
-        ({"mqtt": {"protocol": "4"}}, 'mqtt.protocol: expected one of "5", "3.1.1", got "4"'),
+        ({"mqtt": {"protocol": "4"}}, 'mqtt.protocol: expected one of "auto", "5", "3.1.1", got "4"'),
         ({"telemetry": {"interval_s": -1}}, "telemetry.interval_s: expected a number 0.01-86400, got -1"),
         ({"telemetry": {"batch_max": 2.5}}, "telemetry.batch_max: expected an integer"),
         ({"mqtt": {"tls": {"enabled": "yes"}}}, 'mqtt.tls.enabled: expected a boolean, got "yes"'),

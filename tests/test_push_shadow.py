@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from edgeagent.ops.push import shadow_arg, shadow_line
+from edgeagent.ops.push_shadow import shadow_arg, shadow_line
 
 
 def test_the_flag_becomes_the_manifest_shadow_object() -> None:

@@ -13,7 +13,7 @@ from edgeagent.core import signing
 from edgeagent.updates import manifest
 from tests.broker import Broker
 from tests.test_updates_component import Ctx, run
-from tests.updates_helpers import KEY_ID, MODEL
+from tests.updates_helpers import KEY_ID, MODEL, push_table
 
 CLI = [sys.executable, "-m", "edgeagent.cli"]
 
@@ -71,11 +71,14 @@ def test_push_follows_to_the_end_and_exit_code(tmp_path: Path, broker: Broker) -
 
         rc, out, err = await push("--version", "2.0.0", "--job", "cli-1", str(MODEL))
         assert rc == 0, err
-        assert "dev1: succeeded" in out and "100.0% succeeded" in err and "chunks" in err
+        assert push_table(out)["dev1"][0] == "succeeded"
+        assert "dev1: accepted" in err and "dev1: succeeded" in err and "chunks" in err
         rc, out, err = await push("--version", "1.9.0", "--job", "cli-2", str(MODEL))
-        assert rc == 1 and "dev1: rejected rollback refused" in out
+        state, detail = push_table(out)["dev1"]
+        assert rc == 1 and state == "rejected" and "rollback refused" in detail
+        assert "dev1: rejected: rollback refused" in err  # as it happened, then in the table
         rc, out, err = await push("--version", "3.0.0", "--arch", "sparc", str(MODEL))
-        assert rc == 1 and "wrong arch" in out
+        assert rc == 1 and "wrong arch" in push_table(out)["dev1"][1]
         assert [i[1] for i in c.installer.installed] == ["2.0.0"]
 
     run(tmp_path, broker, body)

@@ -23,12 +23,15 @@ class Observer:
     reconnects by itself, so it also sees what the broker queued while it was away)."""
 
     def __init__(self, port: int, topics: tuple[str, ...] = ("edge/#",), client_id: str = "observer",
-                 tls: tuple[Path, Path, Path] | None = None) -> None:
+                 tls: tuple[Path, Path, Path] | None = None, mqtt5: bool = True) -> None:
+        """mqtt5=False: MQTT 3.1.1 with a persistent session (clean_session off), for 3.1.1 brokers."""
         self.messages: list[tuple[str, bytes, bool]] = []
         self.lock = threading.Lock()
         self.connected = threading.Event()
         self.topics = topics
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        c = (mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5) if mqtt5 else
+             mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                         clean_session=False))
         if tls:
             ca, cert, key = tls
             c.tls_set(ca_certs=str(ca), certfile=str(cert), keyfile=str(key),
@@ -37,9 +40,12 @@ class Observer:
         c.on_connect = self._on_connect
         c.on_disconnect = lambda *a: self.connected.clear()
         c.reconnect_delay_set(0.05, 0.5)
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600
-        c.connect_async("127.0.0.1", port, keepalive=30, clean_start=False, properties=props)
+        if mqtt5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+            c.connect_async("127.0.0.1", port, keepalive=30, clean_start=False, properties=props)
+        else:
+            c.connect_async("127.0.0.1", port, keepalive=30)
         c.loop_start()
         self.client = c
         if not self.connected.wait(10):

@@ -207,3 +207,16 @@ async def running(*components: Any) -> AsyncIterator[None]:
         for t in reversed(tasks):
             await cancel_and_wait(t)
         await stack.aclose()
+
+
+def push_table(stdout: str) -> dict[str, tuple[str, str]]:
+    """`edgeagent push`'s final table (DEVICE STATE DETAIL, two spaces apart) as {device: (state, detail)}."""
+    rows: dict[str, tuple[str, str]] = {}
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    if not lines or not lines[0].startswith("DEVICE"):
+        return rows
+    header = lines[0]
+    state_at, detail_at = header.index("STATE"), header.index("DETAIL")
+    for line in lines[1:]:
+        rows[line[:state_at].strip()] = (line[state_at:detail_at].strip(), line[detail_at:].strip())
+    return rows

@@ -94,7 +94,7 @@ class TlsConfig:
 class MqttConfig:
     host: str = ""  # empty: offline, everything is kept in the local spool
     port: int = field(default=8883, metadata=_range(1, 65535))
-    protocol: Literal["5", "3.1.1"] = "5"
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"  # auto: 5, falling back to 3.1.1 (remembered)
     client_id: str = ""  # default: the device id
     username: str = ""
     password: str = ""  # use ${ENV} substitution, never a literal secret in a shared file

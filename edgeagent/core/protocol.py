@@ -120,11 +120,17 @@ def status_online(model: dict[str, str] | None = None, firmware: dict[str, str] 
     return payload
 
 
-def status_offline(reason: str, ts: float | None = None) -> dict[str, Any]:
-    """reason: "connection-lost" (the last will) or "shutdown" (clean stop)."""
+def status_offline(reason: str, ts: float | None = None, *, groups: Sequence[str] = (),
+                   hardware: str = "") -> dict[str, Any]:
+    """reason: "connection-lost" (the last will) or "shutdown" (clean stop). `groups` and
+    `hardware` too, so an offline device still counts in its groups (`edgeagent push --group`)."""
     payload: dict[str, Any] = {"v": 1, "state": "offline", "reason": reason}
     if ts is not None:
         payload["ts"] = ts
+    if groups:
+        payload["groups"] = list(groups)
+    if hardware:
+        payload["hardware"] = hardware
     return payload
 
 

@@ -1,9 +1,9 @@
-"""Operator tools: `edgeagent keygen`, `edgeagent sign`, `edgeagent push`.
+"""Operator tools: `edgeagent keygen`, `edgeagent sign`, and the engine of `edgeagent push`.
 
-`push` signs a manifest for a file, publishes it, sends the chunks the devices `request` (they pull
-a window at a time; chunks are read from disk one at a time, with a bounded number of QoS 1
-messages in flight) and follows the retained status until a final state; the exit code says
-whether it succeeded.
+`build_manifest` describes a file; `Pusher` publishes the signed manifest, sends the chunks the
+devices `request` (they pull a window at a time; chunks are read from disk one at a time, with a
+bounded number of QoS 1 messages in flight) and follows the job's retained status until a final
+state. The `push` verb itself (checks, targets, reporting, cancel) is ops/push_cli.py.
 """
 
 from __future__ import annotations
@@ -15,18 +15,13 @@ import re
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgeagent.core import protocol, signing
-from edgeagent.core.cli_args import positive_duration, positive_int
-from edgeagent.core.errors import ConfigError, EdgeAgentError
-from edgeagent.core.shadow_spec import ShadowSpecError, parse_shadow
-from edgeagent.core.units import parse_duration_s
-from edgeagent.ops.args import add_signing_broker_args
+from edgeagent.core.errors import ConfigError
 from edgeagent.updates.manifest import MAX_CHUNKS, MIN_CHUNK_SIZE
 
 DEFAULT_CHUNK = 64 * 1024
@@ -90,6 +85,7 @@ def build_manifest(path: Path, *, job: str, kind: str, name: str, version: str,
 class PushResult:
     states: dict[str, str] = field(default_factory=dict)  # device -> final state
     reasons: dict[str, str] = field(default_factory=dict)
+    last: dict[str, dict[str, Any]] = field(default_factory=dict)  # device -> its latest job status
     chunks_sent: int = 0
     resent: int = 0
     seconds: float = 0.0
@@ -107,11 +103,16 @@ def _settle(info: Any, timeout_s: float) -> bool:
 
 
 class Pusher:
-    """Publishes one signed update and serves it until every expected device has finished."""
+    """Publishes one signed update and serves it until every expected device has finished.
+
+    `devices`: the devices that must reach a final state (a group's members, from their retained
+    status); any other device that answers is waited for too. Without it, `expect` devices."""
 
     def __init__(self, client: Any, prefix: str, manifest: dict[str, Any], artifact: Path,
                  device: str | None = None, group: str | None = None, expect: int = 1,
-                 on_status: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+                 on_status: Callable[[str, dict[str, Any]], None] | None = None,
+                 devices: Collection[str] | None = None,
+                 reachable: Callable[[str], bool] | None = None) -> None:
         self.client = client
         self.m = manifest
         self.artifact = artifact
@@ -120,6 +121,10 @@ class Pusher:
             f"{prefix}/group/{group}/updates/{self.job}"
         self.watch = f"{prefix}/{device or '+'}/updates/{self.job}/"
         self.expect = expect
+        self.devices = set(devices) if devices is not None else None
+        # whether a device is online now: the manifest is said again only for those (an offline
+        # device's broker session already holds it; repeats would pile up there)
+        self.reachable = reachable
         self.on_status = on_status
         self._cv = threading.Condition()
         self._resend: set[int] = set()
@@ -148,6 +153,7 @@ class Pusher:
                 return  # a retained status of an older run of the same job id
             with self._cv:
                 self._status[device] = doc
+                self.result.last[device] = doc
                 if doc.get("state") in protocol.FINAL_JOB_STATES:
                     self.result.states[device] = str(doc["state"])
                     self.result.reasons[device] = str(doc.get("reason", ""))
@@ -169,28 +175,48 @@ class Pusher:
                 del self._inflight[: MAX_INFLIGHT // 2]
         self._inflight = [info for info in self._inflight if not _settle(info, 0)]
 
+    def finished(self) -> bool:
+        """Every expected device (and every other that answered) reached a final state."""
+        enough = len(self.result.states) >= self.expect
+        if self.devices is None:
+            return enough
+        return enough and (self.devices | self._status.keys()) <= self.result.states.keys()
+
+    def _silent(self) -> bool:
+        """Someone expected has not answered yet (offline, or not subscribed yet)."""
+        if self.devices is None:
+            return not self._status
+        silent = self.devices - self._status.keys()
+        if self.reachable is not None:
+            silent = {d for d in silent if self.reachable(d)}
+        return bool(silent)
+
     def run(self, timeout_s: float, start_wait_s: float = 0.0) -> PushResult:
-        """Serve the update until `expect` devices reached a final state or `timeout_s` passed.
+        """Serve the update until the expected devices reached a final state or `timeout_s` passed.
 
         Devices pull: they request a window of chunks at a time (flow control), so chunks are sent
-        only as requested. `start_wait_s` is accepted for compatibility and ignored."""
+        only as requested. A broker restart in the middle is survived with a persistent session
+        (ops/push_session.py): paho queues what we publish meanwhile and sends it on reconnect.
+        `start_wait_s` is accepted for compatibility and ignored."""
         t0 = time.monotonic()
         self.client.on_message = self._on_message
         self.client.subscribe(self.watch + "status", qos=1)
         self.client.subscribe(self.watch + "request", qos=1)
-        self.client.publish(f"{self.base}/manifest", protocol.dumps(self.m), qos=1).wait_for_publish(30)
+        _settle(self.client.publish(f"{self.base}/manifest", protocol.dumps(self.m), qos=1), 30)
         deadline = t0 + timeout_s
         last_manifest = time.monotonic()
         sent: set[int] = set()
         with open(self.artifact, "rb") as f:
             while time.monotonic() < deadline:
-                if not self._status and time.monotonic() - last_manifest > MANIFEST_REPEAT_S:
-                    # nobody answered yet (device offline, or not subscribed yet): the manifest is
-                    # idempotent, so say it again; the device then asks for the chunks it lacks
+                with self._cv:
+                    silent = self._silent()
+                if silent and time.monotonic() - last_manifest > MANIFEST_REPEAT_S:
+                    # not everyone answered yet (device offline, or not subscribed yet): the manifest
+                    # is idempotent, so say it again; a device then asks for the chunks it lacks
                     last_manifest = time.monotonic()
                     self.client.publish(f"{self.base}/manifest", protocol.dumps(self.m), qos=1)
                 with self._cv:
-                    if len(self.result.states) >= self.expect:
+                    if self.finished():
                         break
                     if not self._resend:
                         self._cv.wait(min(1.0, max(0.0, deadline - time.monotonic())))
@@ -309,108 +335,6 @@ def _cmd_sign(args: argparse.Namespace) -> int:
     return 0
 
 
-def shadow_arg(text: str) -> dict[str, Any]:
-    """argparse type of push's --shadow N[:AGREEMENT] (the manifest's `shadow` object)."""
-    windows, sep, agreement = text.partition(":")
-    raw: dict[str, Any] = {}
-    try:
-        raw["windows"] = int(windows)
-        if sep:
-            raw["min_agreement"] = float(agreement)
-        return parse_shadow(raw).as_dict()
-    except (ValueError, ShadowSpecError) as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected WINDOWS[:MIN_AGREEMENT], e.g. 500:0.95 "
-                                         f"({exc})") from None
-
-
-def shadow_line(device: str, doc: dict[str, Any]) -> str | None:
-    """One line of shadow figures from a job status (None when it carries none)."""
-    f = doc.get("shadow")
-    if not isinstance(f, dict):
-        return None
-
-    def num(key: str, fmt: str) -> str:
-        v = f.get(key)
-        return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
-
-    return (f"{device}: shadow {num('compared', 'd')}/{num('windows', 'd')} windows, "
-            f"agreement {num('agreement', '.3f')} (min {num('min_agreement', 'g')}), "
-            f"p99 ratio {num('p99_ratio', '.2f')}, score shift {num('score_shift', '+.3f')} "
-            f"(KS {num('score_ks', '.2f')}), shed {num('shed', 'd')}")
-
-
-def _progress_printer(device_hint: str) -> Callable[[str, dict[str, Any]], None]:
-    tty = sys.stderr.isatty()
-
-    def show(device: str, doc: dict[str, Any]) -> None:
-        shadow = shadow_line(device, doc) if doc.get("state") == "shadowing" else None
-        if shadow is not None:
-            print(("\r" + shadow[:150].ljust(150)) if tty else shadow, end="" if tty else "\n",
-                  file=sys.stderr, flush=True)
-            return
-        p = float(doc.get("progress") or 0.0)
-        bar = "#" * int(p * 30)
-        line = (f"{device}: [{bar:<30}] {p * 100:5.1f}% {doc.get('state')}"
-                f"{'  ' + str(doc.get('reason')) if doc.get('reason') else ''}")
-        print(("\r" + line[:150].ljust(150)) if tty else line, end="" if tty else "\n", file=sys.stderr,
-              flush=True)
-
-    return show
-
-
-def _cmd_push(args: argparse.Namespace) -> int:
-    from edgeagent.ops.fleet.connect import BrokerUrl, connect_and_wait, make_client
-
-    key = _load_key(args)
-    if key is None:
-        return 2
-    path = Path(args.file)
-    if not path.is_file():
-        print(f"{path}: no such file", file=sys.stderr)
-        return 2
-    job = args.job or f"{args.name}-{args.version}-{uuid.uuid4().hex[:8]}"
-    try:
-        ttl = parse_duration_s(args.expires_in)
-        m = build_manifest(path, job=job, kind=args.kind, name=args.name, version=args.version,
-                           chunk_size=args.chunk_kb * 1024, ttl_s=ttl, arch=args.arch or None,
-                           hardware=args.hardware or None, min_agent=args.min_agent, critical=args.critical,
-                           devices=[args.device] if args.device else None,
-                           groups=[args.group] if args.group else None, pipeline=args.pipeline)
-        if args.shadow is not None:
-            if args.kind != "model":
-                raise ValueError("--shadow applies to model updates only")
-            m["shadow"] = args.shadow
-        signed = signing.sign(m, key, args.key_id)
-        url = BrokerUrl.parse(args.broker, args.ca_file, args.cert_file, args.key_file)
-        # a persistent session per job: a broker restart mid-push keeps our subscriptions (status,
-        # chunk requests) and the QoS 1 messages queued for us
-        client = make_client(url, f"edgeagent-push-{job}"[:64], clean_start=False)
-        connect_and_wait(client, url, keepalive_s=30, clean_start=False,
-                         session_expiry_s=int(min(ttl, 86400)) + 60)
-    except (EdgeAgentError, ConnectionError, ValueError, OSError) as exc:
-        print(f"push: {exc}", file=sys.stderr)
-        return 2
-    print(f"job {job}: {args.kind} {args.name} {args.version}, {m['size']} bytes in {m['chunks']} chunks "
-          f"-> {'device ' + args.device if args.device else 'group ' + args.group}", file=sys.stderr)
-    pusher = Pusher(client, args.prefix, signed, path, device=args.device, group=args.group,
-                    expect=args.expect, on_status=_progress_printer(args.device or args.group))
-    try:
-        result = pusher.run(parse_duration_s(args.timeout))
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
-    ok = len(result.states) >= args.expect and all(s == "succeeded" for s in result.states.values())
-    for device, state in sorted(result.states.items()):
-        print(f"{device}: {state} {result.reasons.get(device, '')}".rstrip())
-    if len(result.states) < args.expect:
-        print(f"timed out: {len(result.states)} of {args.expect} device(s) finished", file=sys.stderr)
-    print(f"sent {result.chunks_sent} chunks ({result.resent} resent) in {result.seconds:.1f} s",
-          file=sys.stderr)
-    return 0 if ok else 1
-
-
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     kg = sub.add_parser("keygen", help="make an Ed25519 key pair for signing updates")
     kg.add_argument("--key-id", required=True, type=key_id,
@@ -429,35 +353,3 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                          "is checked against the schema before signing")
     sg.add_argument("file", help="JSON file, or - for stdin")
     sg.set_defaults(func=_cmd_sign)
-
-    ps = sub.add_parser("push", help="sign and push a model or firmware update, follow it to the end")
-    target = ps.add_mutually_exclusive_group(required=True)
-    target.add_argument("--device", help="the one device it is for (signed as targets.devices)")
-    target.add_argument("--group", help="the group it is for (signed as targets.groups)")
-    ps.add_argument("--kind", choices=("model", "firmware"), required=True, help="what the file is")
-    ps.add_argument("--name", required=True, help="the model's or firmware's name")
-    ps.add_argument("--version", required=True, help="its version (devices refuse a downgrade)")
-    add_signing_broker_args(ps)
-    ps.add_argument("--job", help="job id (default: name-version-random)")
-    ps.add_argument("--chunk-kb", type=positive_int, default=DEFAULT_CHUNK // 1024, help="chunk size in KiB")
-    ps.add_argument("--expires-in", type=positive_duration, default="1d",
-                    help="how long the signed manifest is valid (30s, 5m, 1h, 1d)")
-    ps.add_argument("--timeout", type=positive_duration, default="1h",
-                    help="give up following the status after this long")
-    ps.add_argument("--expect", type=positive_int, default=1, help="devices that must finish (for --group)")
-    ps.add_argument("--arch", action="append", default=[],
-                    help="only devices of this CPU architecture (repeat for more)")
-    ps.add_argument("--hardware", action="append", default=[],
-                    help="only devices of this hardware (repeat for more)")
-    ps.add_argument("--min-agent", metavar="VERSION",
-                    help="only devices whose agent is at least this version")
-    ps.add_argument("--pipeline", metavar="NAME",
-                    help="a model for this pipeline (default: the device's pipeline serving --name)")
-    ps.add_argument("--critical", action="store_true",
-                    help="skip the gates the device lists as skippable (updates.gates.skippable)")
-    ps.add_argument("--shadow", type=shadow_arg, metavar="N[:AGREEMENT]",
-                    help="models: run the candidate beside the serving model on N live windows first and "
-                         "promote it only if it agrees on at least AGREEMENT of them (default 0.95) and its "
-                         "p99 latency is at most 1.5x; the figures are shown as they come")
-    ps.add_argument("file", type=Path, help="the .tflite model or firmware file")
-    ps.set_defaults(func=_cmd_push)

@@ -1,6 +1,7 @@
 """The MQTT session to the cloud broker: connect forever, presence, subscriptions, publishing.
 
-One long-lived task (`mqtt-session`) loops: connect (MQTT 5 or 3.1.1, TLS/mTLS, persistent
+One long-lived task (`mqtt-session`) loops: connect (MQTT 5 or 3.1.1, or 5 falling back to 3.1.1:
+transport/negotiate.py; TLS/mTLS, persistent
 session, last will "offline"/"connection-lost") -> publish retained "online" -> (re)subscribe the
 router's filters -> run the receiver, the spool publisher, the pinger and the late-subscriber until
 one of them fails -> reconnect after an exponential backoff with jitter. `shutdown()` lets the
@@ -30,6 +31,7 @@ from edgeagent.core.logs import Once
 from edgeagent.core.protocol import Topics, dumps, status_offline
 from edgeagent.core.tasks import wait_event
 from edgeagent.transport.intake import Intake, IntakeStats, max_packet_bytes, receive_maximum
+from edgeagent.transport.negotiate import ProtocolChoice
 from edgeagent.transport.outbox import SpoolOutbox
 from edgeagent.transport.publisher import Publisher, PublishStats
 from edgeagent.transport.router import SessionRouter
@@ -123,6 +125,7 @@ class Session:
         self._ping_ids = itertools.count(1)
         self.intake = IntakeStats()
         self._intake: Intake | None = None  # the current client's (one client per connect)
+        self._choice: ProtocolChoice | None = None  # which MQTT version (mqtt.protocol "auto")
 
     @property
     def ping_topic(self) -> str:
@@ -137,7 +140,8 @@ class Session:
                 "reconnects": max(0, self.connects - 1), "last_error": self.last_error,
                 "refused": self.refused, "failed_connects": self.failed_connects,
                 "published_messages": self.stats.messages, "published_samples": self.stats.samples,
-                "received_messages": self.intake.received, "dropped_incoming": self.intake.dropped}
+                "received_messages": self.intake.received, "dropped_incoming": self.intake.dropped,
+                "protocol": self._choice.negotiated if self._choice is not None else None}
 
     async def publish_now(self, topic: str, payload: bytes, timeout_s: float = 30.0) -> None:
         """Publish one QoS 1 message straight away, bypassing the spool (bulk transfers whose
@@ -192,9 +196,11 @@ class Session:
         while not self._stop.is_set():
             cfg = self._config()
             m = cfg.mqtt
+            choice = self._choice
+            if choice is None or choice.configured != m.protocol:
+                choice = self._choice = ProtocolChoice(m.protocol, cfg.state_dir)
             try:
-                client = self._make_client(cfg)
-                await self._connect(client, m)
+                client, version = await self._open(cfg, choice)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -207,9 +213,10 @@ class Session:
             started = time.monotonic()
             self.connects += 1
             self._once.reset("lost")
+            choice.connected(version)
             log.info("connected to broker", extra={"kv": {"host": m.host, "port": m.port,
                                                           "client_id": cfg.client_id,
-                                                          "protocol": m.protocol}})
+                                                          "protocol": version}})
             try:
                 try:
                     await self._connected_phase(client, cfg)
@@ -237,12 +244,37 @@ class Session:
                            extra={"kv": {"attempt": attempt, "retry_in_s": round(delay, 2)}})
         await wait_event(self._stop, delay)
 
-    def _make_client(self, cfg: Config) -> aiomqtt.Client:
+    async def _open(self, cfg: Config, choice: ProtocolChoice) -> tuple[aiomqtt.Client, str]:
+        """Connect with the version `choice` names first; with "auto", a broker that refuses or
+        ignores MQTT 5 gets a 3.1.1 CONNECT right away. The client and the version that worked."""
+        version = choice.first
+        client = self._make_client(cfg, version)
+        try:
+            await self._connect(client, cfg.mqtt)
+            return client, version
+        except ConnectFailed as exc:
+            other = choice.fallback(version, exc.reason)
+            if other is None:
+                raise
+            log.info("MQTT %s refused (%s): trying MQTT %s", version, exc.reason, other,
+                     extra={"kv": {"protocol": other}})
+            first = exc
+        client = self._make_client(cfg, other)
+        try:
+            await self._connect(client, cfg.mqtt)
+        except ConnectFailed as exc:
+            raise ConnectFailed(exc.host, exc.port, f"MQTT {version}: {first.reason}; "
+                                                    f"MQTT {other}: {exc.reason}") from exc
+        return client, other
+
+    def _make_client(self, cfg: Config, version: str) -> aiomqtt.Client:
         import aiomqtt
 
         m = cfg.mqtt
-        v5 = m.protocol == "5"
-        will = aiomqtt.Will(self.topics.status, dumps(status_offline("connection-lost")), qos=1, retain=True)
+        v5 = version == "5"
+        device = cfg.device
+        will = aiomqtt.Will(self.topics.status, dumps(status_offline(
+            "connection-lost", groups=device.groups, hardware=device.hardware)), qos=1, retain=True)
         tls_params = None
         if m.tls.enabled:
             tls_params = aiomqtt.TLSParameters(
@@ -335,16 +367,27 @@ class Session:
 
     async def _connected_phase(self, client: aiomqtt.Client, cfg: Config) -> None:
         timeout_s = max(5.0, float(cfg.mqtt.keepalive_s))
-        status = self._status()
-        await client.publish(self.topics.status, dumps(status), qos=1, retain=True, timeout=timeout_s)
-        subscribed: set[str] = set()
-        await self._subscribe(client, [self.ping_topic, *self.router.filters], subscribed, timeout_s)
+        # reading (and acknowledging, by hand) starts before we wait for our first PUBACK: a broker
+        # that re-sends a resumed session's unacknowledged messages first and waits for their
+        # PUBACKs before it reads ours (amqtt, MQTT 3.1.1) would otherwise wait for us as we wait
+        # for it, until both time out
+        receiver = asyncio.create_task(self._receive(client), name="mqtt-receive")
+        try:
+            status = self._status()
+            await client.publish(self.topics.status, dumps(status), qos=1, retain=True, timeout=timeout_s)
+            subscribed: set[str] = set()
+            await self._subscribe(client, [self.ping_topic, *self.router.filters], subscribed, timeout_s)
+        except BaseException:
+            receiver.cancel()
+            with contextlib.suppress(BaseException):
+                await receiver
+            raise
         self._set_connected(True)
         self._client = client
         publisher = Publisher(self.spool, self.outbox, self.topics, self._config, self.stats)
         self._publisher = publisher
         tasks = [
-            asyncio.create_task(self._receive(client), name="mqtt-receive"),
+            receiver,
             asyncio.create_task(publisher.run(client, timeout_s), name="mqtt-publish-spool"),
             asyncio.create_task(self._late_subscribe(client, subscribed, timeout_s), name="mqtt-subscribe"),
             asyncio.create_task(self._ping(client), name="mqtt-ping"),
@@ -362,8 +405,10 @@ class Session:
             self._publisher = None
             self._client = None
         if stop in done:
-            await client.publish(self.topics.status, dumps(status_offline("shutdown", time.time())), qos=1,
-                                 retain=True, timeout=min(timeout_s, 3.0))
+            offline = status_offline("shutdown", time.time(), groups=cfg.device.groups,
+                                     hardware=cfg.device.hardware)
+            await client.publish(self.topics.status, dumps(offline), qos=1, retain=True,
+                                 timeout=min(timeout_s, 3.0))
             return
         for t in tasks:
             exc = t.exception() if t in done and not t.cancelled() else None
