@@ -250,3 +250,21 @@ def test_an_installer_toml_without_trusted_keys_is_written_commented_and_warned_
     assert "# trusted_keys = {" in text and "every install is refused" in text
     again = install(prefix, "--no-venv")
     assert "has no trusted_keys: the root helper refuses every firmware install" in again.stdout
+
+
+@pytest.mark.parametrize(("version", "runtime"), [
+    ("3.10", "tflite-runtime ([tflite] extra; auto: Python 3.10 <= 3.11)"),
+    ("3.11", "tflite-runtime ([tflite] extra; auto: Python 3.11 <= 3.11)"),
+    ("3.13", "ai-edge-litert (LiteRT, [litert] extra; auto: Python 3.13 > 3.11)"),
+])
+def test_the_runtime_follows_the_boards_python_and_the_install_says_which(tmp_path: Path, version: str,
+                                                                          runtime: str) -> None:
+    """Pi OS bookworm (3.11) gets tflite-runtime, Pi OS trixie (3.13) LiteRT: the only wheels there are."""
+    python = tmp_path / f"python{version}"
+    python.write_text(f"#!/bin/sh\necho {version}\n")
+    python.chmod(0o755)
+    proc = subprocess.run(["bash", str(SCRIPT), "--prefix", str(tmp_path / "root"), "--no-user", "--dry-run",
+                           "--skip-checks", "--python", str(python), "--board", "raspberry-pi"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"ok: TFLite runtime: {runtime}" in proc.stdout

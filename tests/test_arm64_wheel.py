@@ -1,0 +1,77 @@
+"""scripts/test-arm64 refuses a wheel that lacks a package file, naming the step and the file.
+
+The fast test checks the host-side step (no root, no emulation). The second one proves that the
+same wheel also fails inside the emulated root when that check is skipped: it needs the arm64
+job's cached root and minutes of emulation, so it runs only there (EDGEAGENT_ARM64_JOB=1).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "test-arm64"
+MODEL = "edgeagent/models/vibration-anomaly/model.tflite"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from arm64 import wheelcheck  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The project's wheel as `pip wheel` builds it, and a copy without the shipped model."""
+    tmp = tmp_path_factory.mktemp("arm64-wheel")
+    good = wheelcheck.build(ROOT, tmp / "dist", tmp / "build.log")
+    broken = tmp / "broken" / good.name
+    broken.parent.mkdir()
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(broken, "w", zipfile.ZIP_DEFLATED) as dst:
+        assert MODEL in src.namelist()
+        for item in src.infolist():
+            if item.filename != MODEL:
+                dst.writestr(item, src.read(item.filename))
+    return good, broken
+
+
+def script(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout_s, check=False, cwd=ROOT)
+
+
+def test_a_wheel_without_its_model_fails_at_the_wheel_contents_step(wheels: tuple[Path, Path]) -> None:
+    good, broken = wheels
+    ok = script("--wheel", str(good), "--only", "wheel")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "package files present" in ok.stdout
+
+    bad = script("--wheel", str(broken), "--only", "wheel")
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "test-arm64: FAILED at wheel contents" in bad.stderr
+    assert f"lacks 1 package file(s): {MODEL}" in bad.stdout
+    assert "| wheel contents" in bad.stdout and "FAILED" in bad.stdout  # the summary table names it
+
+
+def test_a_file_that_is_not_a_wheel_is_refused_with_its_name(tmp_path: Path) -> None:
+    junk = tmp_path / "edgeagent-0.1.0-py3-none-any.whl"
+    junk.write_text("not a zip")
+    bad = script("--wheel", str(junk), "--only", "wheel")
+    assert bad.returncode == 1
+    assert "is not a readable wheel" in bad.stdout and "FAILED at wheel contents" in bad.stderr
+
+
+@pytest.mark.skipif(os.environ.get("EDGEAGENT_ARM64_JOB") != "1", reason="runs in the arm64 job (.ci/run)")
+def test_without_the_check_the_broken_wheel_fails_inside_the_root_when_the_agent_starts(
+        wheels: tuple[Path, Path]) -> None:
+    _, broken = wheels
+    bad = script("--wheel", str(broken), "--skip-wheel-check", "--root", "bookworm", "--until", "run",
+                 timeout_s=1800)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "test-arm64: FAILED at bookworm: run" in bad.stderr
+    assert "model.tflite" in bad.stdout.split("== bookworm: run", 1)[1]
+    for passed in ("bookworm: install", "bookworm: check-config"):  # installs and validates fine
+        assert any(line.startswith(f"| {passed}") and "| ok:" in line for line in bad.stdout.splitlines())
