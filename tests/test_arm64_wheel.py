@@ -56,6 +56,17 @@ def test_a_wheel_without_its_model_fails_at_the_wheel_contents_step(wheels: tupl
     assert "| wheel contents" in bad.stdout and "FAILED" in bad.stdout  # the summary table names it
 
 
+def test_the_dependency_set_that_keys_a_roots_venv_is_the_wheels_own_for_the_extra(
+        wheels: tuple[Path, Path]) -> None:
+    good, _ = wheels
+    tflite, litert = wheelcheck.requires(good, "tflite"), wheelcheck.requires(good, "litert")
+    assert any(r.startswith("tflite-runtime") for r in tflite) and not any("litert" in r for r in tflite)
+    assert any(r.startswith("ai-edge-litert") for r in litert)
+    assert not any("tflite-runtime" in r for r in litert)
+    core = [r for r in tflite if "extra ==" not in r]
+    assert core == [r for r in litert if "extra ==" not in r] and any(r.startswith("psutil") for r in core)
+
+
 def test_a_file_that_is_not_a_wheel_is_refused_with_its_name(tmp_path: Path) -> None:
     junk = tmp_path / "edgeagent-0.1.0-py3-none-any.whl"
     junk.write_text("not a zip")
