@@ -201,9 +201,9 @@ def run_agent(b: Board, port: int, agent_log: Path) -> str:
     watch = Watch(port, device)
     t0 = time.monotonic()
     with agent_log.open("w") as out:
-        proc = subprocess.Popen(chroot_argv(b.root, [f"{VENV}/bin/edgeagent", "run", "-c",
-                                                     f"{SRV}/configs/dev.toml"], env),
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+        argv = [f"{VENV}/bin/edgeagent", "run", "-c", f"{SRV}/configs/dev.toml"]
+        proc = roots.start(chroot_argv(b.root, argv, env), stdout=out, stderr=subprocess.STDOUT,
+                           stdin=subprocess.DEVNULL)
     try:
         try:
             watch.wait("online status", lambda: any(s.get("state") == "online" for s in watch.status),
@@ -253,6 +253,7 @@ def run_agent(b: Board, port: int, agent_log: Path) -> str:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        roots.forget(proc)
         watch.stop()
     return (f"online after {online_s:.1f} s, retained status arch={status['arch']}; {len(samples)} "
             f"telemetry samples with CPU+memory; {last.get('count')} inferences at {last.get('rate_hz')} Hz, "

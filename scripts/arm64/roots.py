@@ -15,10 +15,13 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 CACHE = Path(os.environ.get("EDGEAGENT_ARM64_CACHE", "/var/cache/edgeagent-arm64"))
 MIRROR = "http://deb.debian.org/debian"
@@ -28,6 +31,7 @@ HOST_TOOLS = {"qemu-aarch64-static": "qemu-user-static", "update-binfmts": "binf
 PACKAGES = "python3,python3-venv,ca-certificates"
 VENV = "/opt/venv"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+QEMU_CPU = "cortex-a72"  # a Pi 4's CPU: the features (HWCAPs) the runtimes pick kernels by are a Pi's
 RECIPE_VERSION = 1  # bump when the build below changes in a way the commands do not show
 
 
@@ -71,27 +75,57 @@ RECIPES = {
 def chroot_argv(root: Path, argv: Sequence[str], env: dict[str, str] | None = None) -> list[str]:
     """chroot with a clean environment: nothing of the host's (SSL_CERT_FILE, PIP_*) leaks in."""
     extra = [f"{k}={v}" for k, v in (env or {}).items()]
-    return ["env", "-i", f"PATH={PATH}", "HOME=/root", "LANG=C.UTF-8",
+    return ["env", "-i", f"PATH={PATH}", "HOME=/root", "LANG=C.UTF-8", f"QEMU_CPU={QEMU_CPU}",
             *extra, "chroot", str(root), *argv]
+
+
+_CHILDREN: set[subprocess.Popen[str]] = set()
+_CHILDREN_LOCK = threading.Lock()
+
+
+def start(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
+    """Popen in its own session, remembered so that stop_children() can end it (and what it forked)."""
+    proc: subprocess.Popen[str] = subprocess.Popen(argv, start_new_session=True, text=True, **kwargs)
+    with _CHILDREN_LOCK:
+        _CHILDREN.add(proc)
+    return proc
+
+
+def forget(proc: subprocess.Popen[str]) -> None:
+    with _CHILDREN_LOCK:
+        _CHILDREN.discard(proc)
+
+
+def stop_children() -> None:
+    """On SIGTERM/SIGINT: kill every running child's process group, so the roots can be unmounted."""
+    with _CHILDREN_LOCK:
+        for proc in _CHILDREN:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run(argv: Sequence[str], what: str, log: Path, timeout_s: float = 3600.0,
         check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run a command, appending its output to `log`; on failure raise StepFailed with its last lines."""
+    kept = CACHE / "logs" / log.name
     with log.open("a") as f:
         f.write(f"\n$ {' '.join(argv)}\n")
         f.flush()
+        proc = start(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
-            proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  timeout=timeout_s, check=False, stdin=subprocess.DEVNULL)
+            out, _ = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired as exc:
-            raise StepFailed(f"{what}: timed out after {timeout_s:.0f} s "
-                             f"(log: {CACHE / 'logs' / log.name})") from exc
-        f.write(proc.stdout)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise StepFailed(f"{what}: timed out after {timeout_s:.0f} s (log: {kept})") from exc
+        finally:
+            forget(proc)
+        f.write(out)
     if check and proc.returncode != 0:
-        tail = " | ".join(ln for ln in proc.stdout.strip().splitlines()[-3:])
-        raise StepFailed(f"{what}: exit {proc.returncode}: {tail[-400:]} (log: {CACHE / 'logs' / log.name})")
-    return proc
+        tail = " | ".join(ln for ln in out.strip().splitlines()[-3:])
+        raise StepFailed(f"{what}: exit {proc.returncode}: {tail[-400:]} (log: {kept})")
+    return subprocess.CompletedProcess(list(argv), proc.returncode, out, None)
 
 
 # ---------------------------------------------------------------- the host
@@ -134,6 +168,21 @@ def machine_problem() -> str | None:
     return None
 
 
+def lock_cache() -> object:
+    """One run at a time per cache (a CI run and a developer's share the machine): hold the returned
+    file open for the run's life."""
+    import fcntl
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    f = (CACHE / ".lock").open("w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        f.close()
+        raise StepFailed(f"another scripts/test-arm64 is using {CACHE}") from exc
+    return f
+
+
 # ---------------------------------------------------------------- mounts
 
 
@@ -152,20 +201,36 @@ def unmount_all(path: Path) -> list[str]:
     return _mounts_under(path)
 
 
+def pi4_cpuinfo(cpus: int) -> str:
+    """/proc/cpuinfo as a Raspberry Pi 4 (Cortex-A72) shows it, one entry per host CPU.
+
+    qemu-user passes the host's x86 /proc/cpuinfo through, and with the host's /sys beside it the
+    cpuinfo library inside LiteRT's XNNPACK (ai-edge-litert 2.3) crashes parsing it (SIGSEGV in
+    Interpreter()); a real board's cpuinfo is ARM's, so the root gets one.
+    """
+    entry = ("processor\t: {i}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n"
+             "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\n"
+             "CPU revision\t: 3\n\n")
+    return "".join(entry.format(i=i) for i in range(cpus)) + "Hardware\t: BCM2835\nRevision\t: c03111\n"
+
+
 @contextlib.contextmanager
 def mounted(root: Path) -> Iterator[Path]:
-    """/proc, /sys (the monitor reads CPU and memory there), /dev with /dev/shm and /dev/pts."""
-    done: list[Path] = []
+    """/proc (with a Pi 4's cpuinfo), /sys (the monitor reads CPU and memory there), /dev with
+    /dev/shm and /dev/pts."""
+    fake = root / "run" / "edgeagent-test-cpuinfo"
+    fake.parent.mkdir(parents=True, exist_ok=True)
+    fake.write_text(pi4_cpuinfo(os.cpu_count() or 1))
     try:
-        for target, argv in (("proc", ["-t", "proc", "proc"]), ("sys", ["-t", "sysfs", "sysfs"]),
-                             ("dev", ["--bind", "/dev"]), ("dev/pts", ["-t", "devpts", "devpts"]),
-                             ("dev/shm", ["-t", "tmpfs", "tmpfs"])):
+        for target, argv in (("proc", ["-t", "proc", "proc"]), ("proc/cpuinfo", ["--bind", str(fake)]),
+                             ("sys", ["-t", "sysfs", "sysfs"]), ("dev", ["--bind", "/dev"]),
+                             ("dev/pts", ["-t", "devpts", "devpts"]), ("dev/shm", ["-t", "tmpfs", "tmpfs"])):
             point = root / target
-            point.mkdir(parents=True, exist_ok=True)
+            if not point.exists():
+                point.mkdir(parents=True)
             got = subprocess.run(["mount", *argv, str(point)], capture_output=True, text=True, check=False)
             if got.returncode != 0:
                 raise StepFailed(f"mount {target}: {got.stderr.strip()}")
-            done.append(point)
         yield root
     finally:
         left = unmount_all(root)
@@ -177,11 +242,11 @@ def mounted(root: Path) -> Iterator[Path]:
 
 
 def clean_stale(recipe: Recipe) -> None:
-    """Undo what a killed run left: mounts below the cache, half-built roots, roots of old recipes."""
-    unmount_all(CACHE)
+    """Undo what a killed run left of this recipe's roots: mounts, a half-built root, old recipes'."""
     keep = recipe.path()
     for p in CACHE.glob(f"{recipe.name}-*"):
-        if p != keep and p.parent == CACHE and not _mounts_under(p):
+        unmount_all(p)
+        if p != keep and not _mounts_under(p):
             shutil.rmtree(p, ignore_errors=True)
 
 
