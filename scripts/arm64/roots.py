@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,27 @@ def _mounts_under(path: Path) -> list[str]:
     return [p for p in points if p.startswith(prefix)]
 
 
+def kill_inside(path: Path, timeout_s: float = 30.0) -> int:
+    """SIGKILL every process chrooted below `path` (a SIGKILLed run's orphans) and wait until they
+    are gone (a dying process still holds the mounts); returns how many there were."""
+    prefix, killed = str(path).rstrip("/") + "/", []
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            root = os.readlink(pid_dir / "root")
+        except OSError:  # gone, or a kernel thread
+            continue
+        if (root + "/").startswith(prefix):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_dir.name), signal.SIGKILL)
+                killed.append(pid_dir)
+    deadline = time.monotonic() + timeout_s
+    while any(p.exists() for p in killed) and time.monotonic() < deadline:
+        time.sleep(0.1)  # polling with a deadline: there is nothing to wait on for a non-child
+    return len(killed)
+
+
 def unmount_all(path: Path) -> list[str]:
     """Unmount everything below `path`, deepest first; lazily if busy. Returns what stayed mounted."""
     for point in sorted(_mounts_under(path), key=len, reverse=True):
@@ -245,6 +267,7 @@ def clean_stale(recipe: Recipe) -> None:
     """Undo what a killed run left of this recipe's roots: mounts, a half-built root, old recipes'."""
     keep = recipe.path()
     for p in CACHE.glob(f"{recipe.name}-*"):
+        kill_inside(p)
         unmount_all(p)
         if p != keep and not _mounts_under(p):
             shutil.rmtree(p, ignore_errors=True)
