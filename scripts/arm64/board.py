@@ -103,10 +103,11 @@ def check_config(b: Board) -> str:
     env = {"EDGEAGENT_SENSOR_SOURCE": "simulated"}
     got = b.chroot([f"{VENV}/bin/edgeagent", "check-config", f"{SRV}/configs/raspberry-pi.toml"],
                    "edgeagent check-config configs/raspberry-pi.toml", env=env)
-    sensors = next((ln.split(None, 1)[1] for ln in got.stdout.splitlines() if ln.startswith("sensors")), "?")
-    if "simulated" not in sensors:
-        raise StepFailed(f"check-config: the sensor is not the simulator: {sensors}")
-    return f"OK, sensors: {sensors.strip()}"
+    # the summary's sensor line ("sensors" or, with several sources, "sources"): it must say simulated
+    lines = [ln.strip() for ln in got.stdout.splitlines() if ln.startswith(("sensors", "sources"))]
+    if not any("simulated" in ln for ln in lines):
+        raise StepFailed(f"check-config: the sensor is not the simulator: {lines or got.stdout[-300:]}")
+    return f"OK; {'; '.join(' '.join(ln.split()) for ln in lines)}"
 
 
 # ---------------------------------------------------------------- run against the host's broker
