@@ -188,9 +188,14 @@ def retained_status(port: int, device: str, timeout_s: float = 30.0) -> dict[str
 
 
 def _last_error(agent_log: Path) -> str:
-    lines = [ln for ln in agent_log.read_text(errors="replace").splitlines()
-             if "error" in ln.lower() or "Error" in ln]
-    return lines[-1][-300:] if lines else "(no error line in its log)"
+    """The agent's last ERROR, as its exception's final line (what went wrong, not the traceback)."""
+    lines = [ln for ln in agent_log.read_text(errors="replace").splitlines() if "level=ERROR" in ln]
+    if not lines:
+        return "(no error in the agent's log)"
+    last = lines[-1]
+    if 'exc="' in last:
+        last = last.split('exc="', 1)[1].rstrip('"').split("\\n")[-1]
+    return "agent: " + last[-300:]
 
 
 def run_agent(b: Board, port: int, agent_log: Path) -> str:
@@ -220,7 +225,10 @@ def run_agent(b: Board, port: int, agent_log: Path) -> str:
             counts = [s.get("inference", {}).get("count", 0) for s in watch.telemetry]
             return max(counts, default=0)
 
-        watch.wait("10 inference results in telemetry", lambda: inferred() >= 10, 120.0, proc)
+        try:
+            watch.wait("10 inference results in telemetry", lambda: inferred() >= 10, 120.0, proc)
+        except StepFailed as exc:
+            raise StepFailed(f"{exc}: {_last_error(agent_log)}") from exc
         try:  # inference on for RUN_S more; the agent must not exit meanwhile
             proc.wait(timeout=RUN_S)
         except subprocess.TimeoutExpired:
