@@ -325,6 +325,21 @@ runtime_extra() {
     esac
 }
 
+# Say which TFLite runtime the venv gets and why: tflite-runtime has wheels up to CPython 3.11
+# (Pi OS bookworm), LiteRT (ai-edge-litert) from 3.12 (Pi OS trixie ships 3.13).
+say_runtime() {
+    local py="$1" extra="$2" why
+    case "$RUNTIME" in
+        auto) why="auto: Python $py $(version_ge 3.11 "$py" && echo "<=" || echo ">") 3.11" ;;
+        *) why="--runtime $RUNTIME" ;;
+    esac
+    case "$extra" in
+        tflite) ok "TFLite runtime: tflite-runtime ([tflite] extra; $why)" ;;
+        litert) ok "TFLite runtime: ai-edge-litert (LiteRT, [litert] extra; $why)" ;;
+        *) ok "TFLite runtime: none ($why): the agent runs without inference" ;;
+    esac
+}
+
 step_venv() {
     local venv; venv="$(P "$VENV")"
     if [ "$NO_VENV" = 1 ]; then
@@ -346,6 +361,7 @@ step_venv() {
     local py extra stamp want
     py="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
     extra="$(runtime_extra "$py")"
+    say_runtime "$py" "$extra"
     # the bus sources of the board configs (docs/sensors.md): pure-Python wheels, ~2 MB
     extra="${extra:+$extra,}serial,modbus"
     # What the venv should hold: python, runtime, and the exact agent sources (or wheel).

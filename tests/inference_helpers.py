@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+import edgeagent
 from edgeagent.core import config
 from edgeagent.core.live import LiveConfig, MemoryOutbox
 from edgeagent.core.tasks import cancel_and_wait
@@ -21,7 +22,8 @@ from edgeagent.inference.runtime import available_runtimes
 from edgeagent.sensors.sources import VibrationSimulator
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "edgeagent" / "models" / "vibration-anomaly"
+# the installed package's model (the same files in a checkout; the wheel's in the arm64 job)
+SHIPPED = Path(edgeagent.__file__).resolve().parent / "models" / "vibration-anomaly"
 MODELS = ROOT / "tests" / "models"
 FIXTURES = MODELS / "inference"
 RUNTIMES = available_runtimes()

@@ -310,3 +310,19 @@ def test_an_existing_user_owns_the_agent_files_below_a_prefix(tmp_path: Path, us
     assert config.stat().st_uid == 0 and config.stat().st_gid == gid
     install(prefix, "--uninstall", "--purge", user=user)
     assert user_exists(user), "a prefix uninstall never removes a user"
+@pytest.mark.parametrize(("version", "runtime"), [
+    ("3.10", "tflite-runtime ([tflite] extra; auto: Python 3.10 <= 3.11)"),
+    ("3.11", "tflite-runtime ([tflite] extra; auto: Python 3.11 <= 3.11)"),
+    ("3.13", "ai-edge-litert (LiteRT, [litert] extra; auto: Python 3.13 > 3.11)"),
+])
+def test_the_runtime_follows_the_boards_python_and_the_install_says_which(tmp_path: Path, version: str,
+                                                                          runtime: str) -> None:
+    """Pi OS bookworm (3.11) gets tflite-runtime, Pi OS trixie (3.13) LiteRT: the only wheels there are."""
+    python = tmp_path / f"python{version}"
+    python.write_text(f"#!/bin/sh\necho {version}\n")
+    python.chmod(0o755)
+    proc = subprocess.run(["bash", str(SCRIPT), "--prefix", str(tmp_path / "root"), "--no-user", "--dry-run",
+                           "--skip-checks", "--python", str(python), "--board", "raspberry-pi"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"ok: TFLite runtime: {runtime}" in proc.stdout

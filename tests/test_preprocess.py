@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import edgeagent
 from edgeagent.core.errors import ModelMetaError
 from edgeagent.inference.preprocess import (
     ModelMeta,
@@ -16,7 +17,7 @@ from edgeagent.inference.preprocess import (
     parse_model_meta,
 )
 
-MODEL_DIR = Path(__file__).resolve().parent.parent / "edgeagent" / "models" / "vibration-anomaly"
+MODEL_DIR = Path(edgeagent.__file__).resolve().parent / "models" / "vibration-anomaly"  # as installed
 RATE = 1600.0
 
 

@@ -3,6 +3,7 @@ tools file it under them: a real agent process against a real Mosquitto."""
 
 from __future__ import annotations
 
+import platform
 import signal
 import subprocess
 import sys
@@ -31,6 +32,14 @@ def test_status_payload_carries_the_configs_groups_and_hardware() -> None:
     assert payload["model"] == {"name": "m", "version": "2"}
     bare = protocol.status_online()
     assert bare["groups"] == [] and bare["hardware"] == ""
+
+
+def test_status_names_the_cpu_the_agent_runs_on() -> None:
+    """`hardware` is what the config says; `arch` is what the process sees (aarch64 on a Pi)."""
+    device = cfgmod.build({"device": {"id": "d1", "hardware": "rpi4"}}).device
+    payload = status_payload({}, device)
+    assert payload["arch"] == platform.machine() != ""
+    assert protocol.status_online()["arch"] == platform.machine()
 
 
 @pytest.mark.integration

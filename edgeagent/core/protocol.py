@@ -6,6 +6,7 @@ Operators drive devices with plain mosquitto_pub/sub, so every topic and field h
 from __future__ import annotations
 
 import json
+import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -110,9 +111,10 @@ def status_online(model: dict[str, str] | None = None, firmware: dict[str, str] 
                   ts: float | None = None, *, groups: Sequence[str] = (),
                   hardware: str = "") -> dict[str, Any]:
     """The retained "online" status; `groups` and `hardware` (from `[device]`) let fleet tools
-    filter and label devices without asking them."""
+    filter and label devices without asking them; `arch` is the CPU the agent really runs on
+    (`platform.machine()`, what a manifest's `targets.arch` is matched against)."""
     payload: dict[str, Any] = {"v": 1, "state": "online", "agent": __version__, "ts": ts or time.time(),
-                               "groups": list(groups), "hardware": hardware}
+                               "groups": list(groups), "hardware": hardware, "arch": platform.machine()}
     if model:
         payload["model"] = model
     if firmware:

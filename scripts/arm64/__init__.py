@@ -1,0 +1,1 @@
+"""The parts of scripts/test-arm64: roots (build, cache, mounts), wheelcheck, board (steps), parity."""
