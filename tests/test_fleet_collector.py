@@ -21,7 +21,7 @@ from edgeagent.ops.fleet.collector import Collector, CollectorOptions
 from edgeagent.ops.fleet.connect import BrokerUrl, connect_and_wait, make_client
 from edgeagent.ops.fleet.metrics import FleetMetrics, serve
 from edgeagent.ops.fleet.state import Thresholds, troubles
-from edgeagent.ops.fleet.store import Store
+from edgeagent.ops.fleet.store_sqlite import Store
 from tests.broker import Broker
 from tests.util import free_port, wait_until
 
@@ -52,7 +52,7 @@ def finish(proc: subprocess.Popen[str], timeout_s: float = 60.0) -> dict[str, An
 
 
 def collector(broker: Broker, tmp_path: Path | None, **kw: Any) -> Collector:
-    opts = CollectorOptions(broker=BrokerUrl.parse(broker.url), db=tmp_path, flush_interval_s=0.05, **kw)
+    opts = CollectorOptions(broker=BrokerUrl.parse(broker.url), store=tmp_path, flush_interval_s=0.05, **kw)
     return Collector(opts)
 
 

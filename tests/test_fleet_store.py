@@ -12,7 +12,7 @@ import pytest
 from edgeagent.core import protocol
 from edgeagent.core.errors import FleetStoreError
 from edgeagent.ops.fleet.state import FleetState
-from edgeagent.ops.fleet.store import Store
+from edgeagent.ops.fleet.store_sqlite import Store
 
 T0 = 1_800_000_000.0
 
@@ -76,22 +76,69 @@ def test_a_missing_or_foreign_file_is_a_clear_error(tmp_path: Path):
     assert r.returncode == 2 and "no such database" in r.stderr
 
 
-def test_a_full_history_queue_drops_the_oldest_rows_and_counts_them_while_state_stays_exact(tmp_path: Path):
+class AckRecorder:
+    """Stands in for the paho client's `ack` (the only call the writer makes on it)."""
+
+    def __init__(self) -> None:
+        self.acked: list[int] = []
+
+    def ack(self, mid: int, qos: int) -> None:
+        self.acked.append(mid)
+
+
+def test_messages_are_acknowledged_only_once_their_rows_are_committed(tmp_path: Path):
     import paho.mqtt.client as mqtt
 
     from edgeagent.ops.fleet.collector import Collector, CollectorOptions
     from edgeagent.ops.fleet.connect import BrokerUrl
 
-    c = Collector(CollectorOptions(broker=BrokerUrl.parse("mqtt://127.0.0.1:1"), db=tmp_path / "f.sqlite",
-                                   queue_max=5))
-    c._store = Store(tmp_path / "f.sqlite")          # no threads, no broker: the writer is "stuck"
+    c = Collector(CollectorOptions(broker=BrokerUrl.parse("mqtt://127.0.0.1:1"), store=tmp_path / "f.sqlite"))
+    c.store = Store(tmp_path / "f.sqlite")          # no threads, no broker: the writer is "stuck"
+    acks = AckRecorder()
+    c._client = acks  # type: ignore[assignment]
     for seq in range(1, 9):
-        msg = mqtt.MQTTMessage(topic=b"edge/d1/telemetry")
+        msg = mqtt.MQTTMessage(mid=seq, topic=b"edge/d1/telemetry")
+        msg.qos = 1
         msg.payload = protocol.dumps(protocol.telemetry("d1", [{"seq": seq, "ts": T0 + seq}]))
         c._on_message(None, None, msg)  # type: ignore[arg-type]
-    assert c.history_dropped == 3
-    assert [row[1] for _, row in c.queue] == [4, 5, 6, 7, 8]
+    status = mqtt.MQTTMessage(mid=9, topic=b"edge/d1/status")
+    status.qos = 1
+    status.payload = protocol.dumps({"v": 1, "state": "online"})
+    c._on_message(None, None, status)  # type: ignore[arg-type]
+    assert acks.acked == [9]                         # state only: nothing to keep, acknowledged at once
+    assert c.history_dropped == 0 and len(c.queue) == 8
     assert c.state.snapshot()[0]["telemetry"]["received"] == 8
-    c._flush()
-    assert c._store.sample_seqs("d1") == [4, 5, 6, 7, 8]
-    c._store.close()
+    batch = list(c.queue)
+    broken = Store(tmp_path / "f.sqlite")
+    broken.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        c.commit(broken, batch, T0, snapshots=True)  # the database went away: no ack, state kept dirty
+    assert acks.acked == [9] and c.state.dirty == {"d1"}
+    c.commit(c.store, batch, T0, snapshots=True)
+    assert acks.acked == [9, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert c.store.sample_seqs("d1") == list(range(1, 9)) and c.store.device("d1") is not None
+    c.store.close()
+
+
+def test_a_file_from_before_migrations_is_migrated_in_place_and_a_newer_one_refused(tmp_path: Path):
+    from edgeagent.ops.fleet.store import SchemaTooNew, pending_migrations
+    from edgeagent.ops.fleet.store_sqlite import MIGRATIONS, SCHEMA_V1
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as con:          # what the previous collector wrote: no schema_version
+        con.executescript(SCHEMA_V1)
+        con.execute("INSERT INTO devices VALUES ('d1', 1.0, '{\"device\": \"d1\"}')")
+    con.close()
+    assert pending_migrations(path) == (1, len(MIGRATIONS))
+    with Store(path) as store:
+        assert store.schema_version() == len(MIGRATIONS)
+        assert store.devices() == [{"device": "d1"}]
+        assert store.stats()["collectors"] == []
+    assert pending_migrations(f"sqlite:///{path}") == (len(MIGRATIONS), len(MIGRATIONS))
+    with sqlite3.connect(path) as con:
+        con.execute("INSERT INTO schema_version VALUES (99, 0)")
+    con.close()
+    with pytest.raises(SchemaTooNew, match="newer than this edgeagent knows"):
+        Store(path)
+    with pytest.raises(SchemaTooNew):
+        Store(path, readonly=True)

@@ -1,4 +1,4 @@
-"""`edgeagent fleet collect|watch|devices|history` and `edgeagent simulate`.
+"""`edgeagent fleet collect|watch|devices|history|stats|forget|migrate` and `edgeagent simulate`.
 
 Heavy imports (paho, rich, prometheus_client) happen inside the commands, so registering these
 parsers costs the agent nothing.
@@ -12,8 +12,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from edgeagent.core.cli_args import (
@@ -81,26 +80,44 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
     _setup_logging(args.log_level)
     opts = CollectorOptions(
-        broker=_broker(args), prefix=args.prefix, db=None if args.no_db else args.db,
+        broker=_broker(args), prefix=args.prefix, store=None if args.no_db else args.store,
         share_group=None if args.plain else args.share_group, client_id=args.client_id or "",
-        session_expiry_s=args.session_expiry_s, mqtt5=not args.mqtt311, keepalive_s=args.keepalive_s,
-        retention_h=args.retention_h, queue_max=args.queue_max, track_gaps=args.track_gaps,
-        thresholds=_thresholds(args))
+        clean_session=args.clean_session, session_expiry_s=args.session_expiry_s, mqtt5=not args.mqtt311,
+        keepalive_s=args.keepalive_s, retention_h=args.retention_h, batch_max=args.batch_max,
+        queue_max=args.queue_max,
+        track_gaps=args.track_gaps, thresholds=_thresholds(args))
     stop = _stop_on_signals()
     with Collector(opts) as collector:
         if args.prometheus:
             from edgeagent.ops.fleet.metrics import FleetMetrics, serve
 
-            serve(args.prometheus, FleetMetrics(collector.state.snapshot, collector.health, opts.thresholds))
+            serve(args.prometheus, FleetMetrics(_fleet_snapshot(collector, args.store), collector.health,
+                                                opts.thresholds))
         print(f"collecting from {args.broker} (filters: {', '.join(opts.filters())})", file=sys.stderr)
         while not stop.wait(args.report_s):
             h = collector.health()
             print(f"devices={h['devices']} msg/s={h['messages_per_s']:.0f} "
                   f"samples/s={h['samples_per_s']:.0f} "
                   f"lag_s={h['lag_s']:.2f} gaps={h['gaps']} dups={h['duplicates']} "
-                  f"queue={h['queue_depth']} dropped={h['history_dropped']} "
+                  f"queue={h['queue_depth']} rows={h['rows_written']} write_errors={h['write_errors']} "
                   f"connected={int(h['connected'])}", file=sys.stderr, flush=True)
     return 0
+
+
+def _fleet_snapshot(collector: Any, url: str) -> Callable[[], list[dict[str, Any]]]:
+    """What the exporter shows: with a shared store the fleet as all collectors see it (a reader
+    connection of its own), else this collector's memory."""
+    if collector.store is None or not collector.store.shared:
+        return collector.state.snapshot  # type: ignore[no-any-return]
+    from edgeagent.ops.fleet.store import open_store
+
+    reader = open_store(url, readonly=True)
+    lock = threading.Lock()
+
+    def snapshot() -> list[dict[str, Any]]:
+        with lock:
+            return reader.devices()
+    return snapshot
 
 
 def _source(args: argparse.Namespace, stop: threading.Event) -> Any:
@@ -109,13 +126,13 @@ def _source(args: argparse.Namespace, stop: threading.Event) -> Any:
         from edgeagent.ops.fleet.collector import Collector, CollectorOptions
 
         opts = CollectorOptions(broker=_broker(args), prefix=args.prefix, mqtt5=not args.mqtt311,
-                                thresholds=_thresholds(args))
+                                clean_session=True, thresholds=_thresholds(args))
         collector = Collector(opts).__enter__()
         stop.wait(args.settle_s)      # retained statuses arrive at once, telemetry within an interval
         return collector.state.snapshot, collector
-    from edgeagent.ops.fleet.store import Store
+    from edgeagent.ops.fleet.store import open_store
 
-    store = Store(args.db, readonly=True)
+    store = open_store(args.store, readonly=True)
     return store.devices, store
 
 
@@ -132,11 +149,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from edgeagent.ops.fleet.store import Store
+    from edgeagent.ops.fleet.store import open_store
     from edgeagent.ops.fleet.watch import device_row, print_table, select, table
 
     th = _thresholds(args)
-    with Store(args.db, readonly=True) as store:
+    with open_store(args.store, readonly=True) as store:
         now = time.time()
         rows = [device_row(d, now, th) for d in select(store.devices(), now, th, args.group, args.state)]
     if args.json:
@@ -148,17 +165,18 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from edgeagent.ops.fleet.store import Store
+    from edgeagent.ops.fleet.store import open_store
 
     since = time.time() - args.since_s
-    with Store(args.db, readonly=True) as store:
+    with open_store(args.store, readonly=True) as store:
         dev = store.device(args.device)
         if dev is None:
-            print(f"unknown device {args.device!r} in {args.db}", file=sys.stderr)
+            print(f"unknown device {args.device!r} in {args.store}", file=sys.stderr)
             return 2
         out = {"device": args.device, "samples": store.samples(args.device, since, args.limit),
                "events": store.events(args.device, since, args.limit),
-               "jobs": store.jobs(args.device, since, args.limit)}
+               "jobs": store.jobs(args.device, since, args.limit),
+               "gaps": [list(g) for g in store.gaps(args.device)]}
     if args.json:
         json.dump(out, sys.stdout, indent=1)
         print()
@@ -181,6 +199,76 @@ def cmd_history(args: argparse.Namespace) -> int:
                       f"{e['kind']}/{e['severity']}: {e['message']}")
     for j in out["jobs"]:
         print(f"job {j['job']}: {j['state']} {100 * j['progress']:.0f}% {j['reason']}")
+    for first, last in out["gaps"]:
+        print(f"gap: seq {first}..{last} missing ({last - first + 1})")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from edgeagent.ops.fleet.store import open_store, pending_migrations
+
+    found, latest = pending_migrations(args.store)
+    if args.check:
+        state = "up to date" if found == latest else ("newer than this edgeagent" if found > latest
+                                                        else f"{latest - found} migration(s) pending")
+        print(f"{args.store}: schema version {found}, this edgeagent knows {latest}: {state}")
+        return 0 if found == latest else 1
+    with open_store(args.store, migrate=False) as store:
+        done = store.migrate()
+    print(f"{args.store}: schema version {latest}" + (f" (applied {', '.join(map(str, done))})" if done
+                                                      else " (nothing to do)"))
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from edgeagent.core.units import parse_duration_s
+    from edgeagent.ops.fleet.store import open_store
+
+    if not args.device and not args.offline_for:
+        print("name a DEVICE or give --offline-for", file=sys.stderr)
+        return 2
+    before = None
+    if args.offline_for:
+        try:
+            before = time.time() - parse_duration_s(args.offline_for)
+        except ValueError as exc:
+            print(f"--offline-for: {exc}", file=sys.stderr)
+            return 2
+    with open_store(args.store) as store:
+        gone = store.forget(args.device, before)
+    for d in gone:
+        print(f"forgot {d}")
+    unknown = sorted(set(args.device) - set(gone))
+    for d in unknown:
+        print(f"unknown device {d!r}", file=sys.stderr)
+    if gone:
+        print("history stays until the retention drops it; clear a device's retained status on the broker "
+              "(mosquitto_pub -r -n -t P/D/status) or a collector's restart brings it back", file=sys.stderr)
+    return 1 if unknown else 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from edgeagent.ops.fleet.store import open_store
+
+    with open_store(args.store, readonly=True) as store:
+        st = store.stats()
+    now = time.time()
+    if args.json:
+        json.dump(st, sys.stdout, indent=1)
+        print()
+        return 0
+    print(f"{st['engine']} {st['url']}: schema {st['schema_version']}, {st['size_bytes'] / 1e6:.1f} MB")
+    print("rows: " + ", ".join(f"{k}={v}" for k, v in st["rows"].items()))
+    for parent, parts in st["partitions"].items():
+        print(f"{parent}: {len(parts)} partitions ({parts[0]['day']} .. {parts[-1]['day']}, "
+              f"{sum(p['size_bytes'] for p in parts) / 1e6:.1f} MB)")
+    for c in st["collectors"]:
+        age = now - c["beat"]
+        print(f"collector {c['id']} on {c.get('host')} pid {c.get('pid')}: "
+              f"{c.get('samples_per_s', 0):.0f} samples/s, lag {c.get('lag_s', 0):.2f} s "
+              f"(max {c.get('lag_max_s', 0):.2f}), {c.get('rows_written', 0)} rows written, "
+              f"queue {c.get('queue_depth', 0)}, last beat {age:.0f} s ago"
+              + (" (gone?)" if age > 30 else ""))
     return 0
 
 
@@ -223,7 +311,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 # ---- parsers --------------------------------------------------------------------------------
 
 def _db_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", type=Path, default=Path("fleet.sqlite"), help="collector database (%(default)s)")
+    from edgeagent.ops.fleet.store import DEFAULT_URL
+
+    p.add_argument("--store", "--db", dest="store", default=DEFAULT_URL, metavar="URL",
+                   help="fleet store: sqlite:///PATH (a bare path works too) or "
+                        "postgresql://USER@HOST:PORT/DB (default %(default)s)")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -242,14 +334,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     c.add_argument("--no-track-gaps", dest="track_gaps", action="store_false",
                    help="do not count seq gaps: use when several collectors share one group (each then "
                         "sees only part of every device's stream)")
-    c.add_argument("--client-id", help="fixed MQTT client id (with --session-expiry-s: a persistent session)")
-    c.add_argument("--session-expiry-s", type=non_negative_int, default=0,
-                   help="keep the session this long while away, the broker queues QoS 1 messages "
-                        "(0: no persistent session)")
+    c.add_argument("--client-id", help="MQTT client id (default: stable from host, store and share group, "
+                                       "so a restart resumes the session); give each collector on one "
+                                       "host and store its own")
+    c.add_argument("--clean-session", action="store_true",
+                   help="start a clean session: nothing is queued for this collector while it is away")
+    c.add_argument("--session-expiry-s", type=non_negative_int, default=3600,
+                   help="the broker keeps our session and queues QoS 1 messages this long while we are "
+                        "away (%(default)s; 0: no persistent session)")
     c.add_argument("--keepalive-s", type=positive_int, default=30, help="MQTT keepalive in seconds")
-    c.add_argument("--retention-h", type=positive_float, default=24.0, help="history kept (%(default)s h)")
-    c.add_argument("--queue-max", type=positive_int, default=200_000,
-                   help="history rows buffered for the writer; when full the oldest are dropped and counted")
+    c.add_argument("--retention-h", type=positive_float, default=24.0,
+                   help="history kept (%(default)s h; PostgreSQL drops whole day partitions)")
+    c.add_argument("--batch-max", type=positive_int, default=5000,
+                   help="messages per write at most (%(default)s); a batch also closes after 250 ms")
+    c.add_argument("--queue-max", type=positive_int, default=50_000,
+                   help="messages held for the writer (%(default)s); when full the collector stops "
+                        "reading from the broker, which keeps the rest (nothing is dropped)")
     c.add_argument("--report-s", type=positive_float, default=10.0, help="health line to stderr every N s")
     c.add_argument("--log-level", type=log_level, default="INFO", help=LOG_LEVEL_HELP)
     _threshold_args(c)
@@ -288,6 +388,23 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     h.add_argument("--limit", type=positive_int, default=100, help="at most N samples, events and jobs")
     h.add_argument("--json", action="store_true", help="JSON for scripts")
     h.set_defaults(func=cmd_history)
+
+    m = fsub.add_parser("migrate", help="apply the store's pending schema migrations")
+    _db_arg(m)
+    m.add_argument("--check", action="store_true", help="only report; exit 1 when migrations are pending")
+    m.set_defaults(func=cmd_migrate)
+
+    fg = fsub.add_parser("forget", help="remove decommissioned devices from the fleet state")
+    fg.add_argument("device", nargs="*", help="device ids")
+    _db_arg(fg)
+    fg.add_argument("--offline-for", metavar="DURATION",
+                    help="also every device not heard from for this long (30d, 12h, 90m)")
+    fg.set_defaults(func=cmd_forget)
+
+    st = fsub.add_parser("stats", help="rows, partitions, size, and each collector's rate and lag")
+    _db_arg(st)
+    st.add_argument("--json", action="store_true", help="JSON for scripts")
+    st.set_defaults(func=cmd_stats)
 
     s = sub.add_parser(
         "simulate", help="N virtual devices speaking the real protocol (demos, load tests)",

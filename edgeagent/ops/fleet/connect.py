@@ -60,14 +60,16 @@ class BrokerUrl:
 
 
 def make_client(url: BrokerUrl, client_id: str, mqtt5: bool = True,
-                clean_start: bool = True) -> mqtt.Client:
-    """A paho client with auth and TLS set; not connected yet."""
+                clean_start: bool = True, manual_ack: bool = False) -> mqtt.Client:
+    """A paho client with auth and TLS set; not connected yet. With `manual_ack` the caller
+    acknowledges each QoS 1 message (`client.ack`) once it has kept it."""
     if mqtt5:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                             protocol=MQTTProtocolVersion.MQTTv5)
+                             protocol=MQTTProtocolVersion.MQTTv5, manual_ack=manual_ack)
     else:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                             clean_session=clean_start, protocol=MQTTProtocolVersion.MQTTv311)
+                             clean_session=clean_start, protocol=MQTTProtocolVersion.MQTTv311,
+                             manual_ack=manual_ack)
     if url.username:
         client.username_pw_set(url.username, url.password)
     if url.tls:
@@ -77,17 +79,22 @@ def make_client(url: BrokerUrl, client_id: str, mqtt5: bool = True,
     return client
 
 
-def connect_properties(session_expiry_s: int) -> Properties | None:
-    """MQTT 5 CONNECT properties: keep the session (queued QoS 1 messages) for a while."""
-    if session_expiry_s <= 0:
+def connect_properties(session_expiry_s: int, receive_maximum: int = 0) -> Properties | None:
+    """MQTT 5 CONNECT properties: keep the session (queued QoS 1 messages) for a while; let at most
+    `receive_maximum` messages be unacknowledged at once (0: the broker's default)."""
+    if session_expiry_s <= 0 and receive_maximum <= 0:
         return None
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    props.SessionExpiryInterval = session_expiry_s
+    if session_expiry_s > 0:
+        props.SessionExpiryInterval = session_expiry_s
+    if receive_maximum > 0:
+        props.ReceiveMaximum = min(receive_maximum, 65535)
     return props
 
 
 def connect_and_wait(client: mqtt.Client, url: BrokerUrl, keepalive_s: int, timeout_s: float = 10.0,
-                     clean_start: bool = True, session_expiry_s: int = 0, mqtt5: bool = True) -> None:
+                     clean_start: bool = True, session_expiry_s: int = 0, mqtt5: bool = True,
+                     receive_maximum: int = 0) -> None:
     """Connect, start paho's network thread, and wait for CONNACK; raise ConnectionError if refused."""
     done = threading.Event()
     result: list[str] = []
@@ -104,7 +111,7 @@ def connect_and_wait(client: mqtt.Client, url: BrokerUrl, keepalive_s: int, time
     try:
         if mqtt5:
             client.connect(url.host, url.port, keepalive_s, clean_start=clean_start,
-                           properties=connect_properties(session_expiry_s))
+                           properties=connect_properties(session_expiry_s, receive_maximum))
         else:
             client.connect(url.host, url.port, keepalive_s)
     except OSError as exc:

@@ -1,149 +1,103 @@
-"""The collector's SQLite database: device snapshots, sample/event/job history, bounded retention.
+"""The fleet store: one typed interface, two engines chosen by URL (`sqlite:///path`, `postgresql://...`).
 
-Every write is one transaction (WAL, synchronous=NORMAL): a crash loses at most the last batch,
-never corrupts. Readers (`fleet devices|history|watch`) open the same file read-only.
+SQLite (store_sqlite.py) is the embedded default for one collector on one machine and needs no
+dependency; PostgreSQL (store_pg.py, psycopg 3) is the store several collectors share. Both keep
+their schema as numbered migrations recorded in a `schema_version` table.
 """
 
 from __future__ import annotations
 
-import json
-import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from edgeagent.core.errors import FleetStoreError
+from edgeagent.ops.fleet.schema import SchemaTooNew
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    device TEXT PRIMARY KEY,
-    updated REAL NOT NULL,
-    snapshot TEXT NOT NULL            -- JSON of DeviceState.to_dict()
-);
-CREATE TABLE IF NOT EXISTS samples (
-    device TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL, recv REAL NOT NULL,
-    cpu_percent REAL, mem_used_percent REAL, temp_c REAL, p95_ms REAL, anomaly_rate_1m REAL,
-    spool_backlog REAL,
-    PRIMARY KEY (device, seq)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS samples_recv ON samples (recv);
-CREATE TABLE IF NOT EXISTS events (
-    device TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL, recv REAL NOT NULL,
-    kind TEXT NOT NULL, severity TEXT NOT NULL, message TEXT NOT NULL, data TEXT NOT NULL,
-    PRIMARY KEY (device, seq)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS events_recv ON events (recv);
-CREATE TABLE IF NOT EXISTS job_log (
-    device TEXT NOT NULL, job TEXT NOT NULL, state TEXT NOT NULL, progress REAL NOT NULL,
-    reason TEXT NOT NULL, ts REAL, recv REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS job_log_recv ON job_log (recv);
-"""
-
-SAMPLE_COLUMNS = ("device", "seq", "ts", "recv", "cpu_percent", "mem_used_percent", "temp_c",
-                  "p95_ms", "anomaly_rate_1m", "spool_backlog")
-EVENT_COLUMNS = ("device", "seq", "ts", "recv", "kind", "severity", "message", "data")
+DEFAULT_URL = "sqlite:///fleet.sqlite"
+__all__ = ["DEFAULT_URL", "FleetStore", "SchemaTooNew", "open_store", "parse_url", "pending_migrations"]
 
 
-class Store:
-    """One connection, used by one thread at a time (the collector's writer, or a CLI reader)."""
+class FleetStore(Protocol):
+    """What the collector writes and the readers (watch, devices, history, stats, Prometheus) read."""
 
-    def __init__(self, path: Path | str, readonly: bool = False) -> None:
-        self.path = Path(path)
-        try:
-            if readonly:
-                if not self.path.exists():
-                    raise FleetStoreError(self.path, "no such database (see `fleet collect --db`)")
-                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10.0,
-                                          check_same_thread=False)
-            else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.db = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False)
-                self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA synchronous=NORMAL")
-                self.db.executescript(SCHEMA)
-            self.db.execute("SELECT count(*) FROM devices").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise FleetStoreError(self.path, f"not a fleet database: {exc}") from exc
+    url: str
+    shared: bool            # True: several collectors may write it; seq gaps are counted in the store
 
-    def close(self) -> None:
-        self.db.close()
-
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # ---- writes (collector) -------------------------------------------------------------------
+    def close(self) -> None: ...
+    def __enter__(self) -> FleetStore: ...
+    def __exit__(self, *exc: object) -> None: ...
 
     def write(self, samples: Sequence[tuple[Any, ...]] = (), events: Sequence[tuple[Any, ...]] = (),
               jobs: Sequence[tuple[Any, ...]] = (), devices: Iterable[dict[str, Any]] = (),
-              now: float = 0.0) -> None:
-        """One transaction for a batch; duplicate (device, seq) rows are ignored, never doubled."""
-        with self.db:
-            if samples:
-                self.db.executemany(
-                    f"INSERT OR IGNORE INTO samples VALUES ({','.join('?' * len(SAMPLE_COLUMNS))})", samples)
-            if events:
-                self.db.executemany(
-                    f"INSERT OR IGNORE INTO events VALUES ({','.join('?' * len(EVENT_COLUMNS))})", events)
-            if jobs:
-                self.db.executemany("INSERT INTO job_log VALUES (?,?,?,?,?,?,?)", jobs)
-            rows = [(d["device"], now, json.dumps(d, separators=(",", ":"))) for d in devices]
-            if rows:
-                self.db.executemany(
-                    "INSERT INTO devices VALUES (?,?,?) ON CONFLICT(device) DO UPDATE SET "
-                    "updated=excluded.updated, snapshot=excluded.snapshot", rows)
+              now: float = 0.0, heartbeat: dict[str, Any] | None = None) -> None:
+        """One transaction (one round trip on PostgreSQL); (device, seq) rows already there are ignored."""
 
     def prune(self, before: float) -> int:
-        """Delete history received before `before`; device snapshots stay. Returns rows deleted."""
-        with self.db:
-            n = 0
-            for table in ("samples", "events", "job_log"):
-                n += self.db.execute(f"DELETE FROM {table} WHERE recv < ?", (before,)).rowcount
-        return n
+        """Drop history older than `before` (whole day partitions on PostgreSQL); device state stays."""
 
-    # ---- reads --------------------------------------------------------------------------------
+    def devices(self) -> list[dict[str, Any]]: ...
+    def device(self, device: str) -> dict[str, Any] | None: ...
+    def samples(self, device: str, since: float = 0.0, limit: int = 1000) -> list[dict[str, Any]]: ...
+    def events(self, device: str, since: float = 0.0, limit: int = 1000) -> list[dict[str, Any]]: ...
+    def jobs(self, device: str, since: float = 0.0, limit: int = 1000) -> list[dict[str, Any]]: ...
+    def gaps(self, device: str) -> list[tuple[int, int]]:
+        """Missing telemetry seq ranges [(first, last), ...] of one device, as the store sees them."""
+    def sample_seqs(self, device: str) -> list[int]: ...
+    def count(self, table: str) -> int: ...
+    def forget(self, devices: Sequence[str] = (), offline_before: float | None = None) -> list[str]:
+        """Remove devices from state (named, and/or not heard from since `offline_before`); history stays."""
+    def stats(self) -> dict[str, Any]:
+        """Rows, partitions, size on disk, and each collector's last heartbeat."""
+    def schema_version(self) -> int: ...
+    def migrate(self) -> list[int]:
+        """Apply pending migrations; return their numbers."""
+    def scan_gaps(self, now: float, settle_s: float = 5.0) -> int:
+        """Shared stores: record missing seq ranges as gap events; returns how many new (SQLite: 0,
+        its one collector counts gaps in memory)."""
 
-    def devices(self) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT snapshot FROM devices ORDER BY device").fetchall()
-        return [json.loads(r[0]) for r in rows]
 
-    def device(self, device: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT snapshot FROM devices WHERE device = ?", (device,)).fetchone()
-        return json.loads(row[0]) if row else None
+def parse_url(url: str) -> tuple[str, str]:
+    """('sqlite', path) or ('postgresql', conninfo); a bare path means SQLite (the old --db)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql", url
+    if url.startswith("sqlite://"):
+        path = url[len("sqlite://"):]
+        if path.startswith("/") and not path.startswith("//"):
+            path = path[1:] or "."           # sqlite:///rel/path -> rel/path; sqlite:////abs -> /abs
+        elif path.startswith("//"):
+            path = path[1:]
+        if not path:
+            raise FleetStoreError(url, "no path in the sqlite URL (sqlite:///fleet.sqlite)")
+        return "sqlite", path
+    if "://" in url:
+        raise FleetStoreError(url, "store URL must be sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
+    return "sqlite", url
 
-    def samples(self, device: str, since: float = 0.0, limit: int = 1000) -> list[dict[str, Any]]:
-        """The newest `limit` samples received since `since`, oldest first."""
-        rows = self.db.execute(
-            "SELECT * FROM samples WHERE device = ? AND recv >= ? ORDER BY seq DESC LIMIT ?",
-            (device, since, limit)).fetchall()
-        return [dict(zip(SAMPLE_COLUMNS, r, strict=True)) for r in reversed(rows)]
 
-    def events(self, device: str, since: float = 0.0, limit: int = 1000) -> list[dict[str, Any]]:
-        rows = self.db.execute(
-            "SELECT * FROM events WHERE device = ? AND recv >= ? ORDER BY seq DESC LIMIT ?",
-            (device, since, limit)).fetchall()
-        out = []
-        for r in reversed(rows):
-            d = dict(zip(EVENT_COLUMNS, r, strict=True))
-            d["data"] = json.loads(d["data"])
-            out.append(d)
-        return out
+def open_store(url: str | Path, readonly: bool = False, migrate: bool = True) -> FleetStore:
+    """Open the store a URL names; a writer applies pending migrations first (unless `migrate` is off)."""
+    engine, where = parse_url(str(url))
+    if engine == "postgresql":
+        from edgeagent.ops.fleet.store_pg import PgStore
 
-    def jobs(self, device: str, since: float = 0.0, limit: int = 1000) -> list[dict[str, Any]]:
-        rows = self.db.execute(
-            "SELECT job, state, progress, reason, ts, recv FROM job_log WHERE device = ? AND recv >= ? "
-            "ORDER BY recv DESC LIMIT ?", (device, since, limit)).fetchall()
-        cols = ("job", "state", "progress", "reason", "ts", "recv")
-        return [dict(zip(cols, r, strict=True)) for r in reversed(rows)]
+        return PgStore(where, readonly=readonly, migrate=migrate)
+    from edgeagent.ops.fleet.store_sqlite import Store
 
-    def sample_seqs(self, device: str) -> list[int]:
-        return [r[0] for r in self.db.execute("SELECT seq FROM samples WHERE device = ? ORDER BY seq",
-                                              (device,))]
+    return Store(where, readonly=readonly, migrate=migrate)
 
-    def count(self, table: str) -> int:
-        if table not in ("samples", "events", "job_log", "devices"):
-            raise ValueError(table)
-        return int(self.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+def pending_migrations(url: str | Path) -> tuple[int, int]:
+    """(version in the database, latest this edgeagent knows), without changing anything."""
+    engine, where = parse_url(str(url))
+    if engine == "postgresql":
+        from edgeagent.ops.fleet import store_pg
+
+        with store_pg.PgStore(where, readonly=True, migrate=False) as pg:
+            return pg.schema_version(), len(store_pg.MIGRATIONS)
+    from edgeagent.ops.fleet import store_sqlite
+
+    if not Path(where).exists():
+        return 0, len(store_sqlite.MIGRATIONS)
+    with store_sqlite.Store(where, readonly=True, migrate=False) as lite:
+        return lite.schema_version(), len(store_sqlite.MIGRATIONS)
