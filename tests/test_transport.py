@@ -34,6 +34,7 @@ def test_backlog_is_drained_without_starving_live_samples(tmp_path: Path) -> Non
             tel = rig.telemetry(w, transport)
             for _ in range(3000):
                 tel.sample_now()
+            assert transport.outbox is not None and await asyncio.to_thread(transport.outbox.flush)
             assert transport.spool is not None and transport.spool.count == 3000
             await asyncio.to_thread(broker.start)
             await async_wait_until(lambda: obs.seqs(), 20, message="draining started")

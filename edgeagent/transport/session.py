@@ -164,7 +164,7 @@ class Session:
             pub.flushing = True
             self.outbox.wakeup.set()
             deadline = time.monotonic() + flush_s
-            while self.spool.count or self.spool.states_pending:
+            while self.spool.count or self.spool.states_pending or self.outbox.deferred:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self.connected:
                     break
