@@ -38,8 +38,8 @@ from edgeagent.updates.perform import Performer
 from edgeagent.updates.seams import ModelInstaller
 from edgeagent.updates.transfer import Transfer
 
-if TYPE_CHECKING:  # cryptography is imported on first use (signing.py): ~8 MiB of RSS
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+if TYPE_CHECKING:  # cryptography is imported on first use (core/signing.py)
+    from edgeagent.core.signing import PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class UpdatesComponent:
         self.updates_dir = self.state_dir / "updates"
         self.journal = Journal(self.state_dir)
         self.book = JobBook(live, outbox, self.journal, self.updates_dir)
-        self.trusted: dict[str, Ed25519PublicKey] = {}
+        self.trusted: dict[str, PublicKey] = {}
         self.keys_error = ""
         self.averager = MetricsAverager()
         self.transfers: dict[str, Transfer] = {}
