@@ -127,10 +127,11 @@ class LoopLagComponent:
             lag_ms = max(0.0, (now - t0 - self.period_s) * 1000.0)
             verdict = self.tracker.observe(now, lag_ms)
             if verdict == "warn":
-                self.outbox.emit_event("error", "warning",
-                                       f"event loop lagging: timer late by more than "
-                                       f"{self.tracker.warn_ms:g} ms for {self.tracker.warn_for_s:g} s", {"lag_p99_ms": self.tracker.p99_ms(),
-                                                                  "lag_last_ms": round(lag_ms, 2)})
+                t = self.tracker
+                self.outbox.emit_event(
+                    "error", "warning",
+                    f"event loop lagging: timer late by more than {t.warn_ms:g} ms for {t.warn_for_s:g} s",
+                    {"lag_p99_ms": t.p99_ms(), "lag_last_ms": round(lag_ms, 2)})
             elif verdict == "recovered":
                 log.info("event loop lag back to normal", extra={"kv": {"lag_ms": round(lag_ms, 2)}})
             if not self.settled and now - started >= self.settle_after_s:
