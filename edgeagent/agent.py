@@ -117,7 +117,9 @@ def default_components(w: Wiring) -> list[Component]:
     rules = RulesComponent(w.live, w.metrics, w.outbox, w.router, w.sections, w.layers)
     updates = UpdatesComponent(w.live, w.metrics, w.outbox, w.router, model_installer=inference,
                                inference_section=inference.section if inference is not None else None,
-                               rtt_ms=lambda: transport.mqtt_section().get("rtt_ms"))
+                               rtt_ms=lambda: transport.mqtt_section().get("rtt_ms"),
+                               session=lambda: transport.session if transport.session is not None
+                               and transport.session.connected else None)
     remote = RemoteConfigComponent(w.live, w.outbox, w.router, w.layers, w.request_restart)
     w.crash_listeners.append(remote.on_crash)
     support = SupportComponent(w.live, w.outbox, w.router, lambda: transport.session, _recent_log_lines)
