@@ -264,5 +264,7 @@ class Puller:
                 self.pending.update(range(a, b + 1))
                 count += b - a + 1
             if self.rate_bytes_s > 0:
-                self._next_s = max(now, self._next_s) + count * self.t.m.chunk_size / self.rate_bytes_s
+                # a token bucket holding one window: a late wake-up is made up for, not lost
+                per_chunk_s = self.t.m.chunk_size / self.rate_bytes_s
+                self._next_s = max(now - self.window * per_chunk_s, self._next_s) + count * per_chunk_s
         return ranges
