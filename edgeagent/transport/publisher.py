@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
 import sqlite3
 import time
@@ -59,7 +61,7 @@ class Outgoing:
 def group(rows: Sequence[Row], topics: Topics, batch_max: int) -> list[Outgoing]:
     """Pack rows (in id order) into messages: runs of telemetry samples share a message."""
     out: list[Outgoing] = []
-    head = b'{"v":1,"device":' + _json_str(topics.device) + b',"samples":['
+    head = _head(topics.device)
     run: list[Row] = []
 
     def flush() -> None:
@@ -94,10 +96,10 @@ def live_ready(rows: Sequence[Row], batch_max: int, batch_wait_s: float, waited_
     return wait_s if wait_s > 0 else None
 
 
-def _json_str(s: str) -> bytes:
-    import json
-
-    return json.dumps(s, ensure_ascii=False).encode()
+@functools.lru_cache(maxsize=8)
+def _head(device: str) -> bytes:
+    """The encoded start of a telemetry message, made once per device id (not per batch)."""
+    return b'{"v":1,"device":' + json.dumps(device, ensure_ascii=False).encode() + b',"samples":['
 
 
 @dataclass
