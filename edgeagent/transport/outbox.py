@@ -61,6 +61,7 @@ class SpoolOutbox:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._recovered: list[Recovered] = []
+        self._drops_lock = threading.Lock()
         self._reported_drops = spool.dropped_total
         self._last_drop_report = 0.0
 
@@ -84,15 +85,16 @@ class SpoolOutbox:
     def add_sample(self, sample: dict[str, Any]) -> int:
         seq = self.spool.reserve_seq("telemetry")
         self._submit(lambda: self.spool.add_sample(sample, seq))
-        self.report_drops()
         return seq
 
     # -- the hand-off
     def _submit(self, op: Callable[[], object], state: bool = False) -> None:
         with self._cond:
             if len(self._pending) >= HANDOFF_MAX:
-                self._pending.popleft()
                 self.lost += 1
+                if self._writing >= len(self._pending):
+                    return  # every waiting entry is in the transaction being written: drop the new one
+                del self._pending[self._writing]  # the oldest that the writer has not taken
             self._pending.append((op, state))
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(target=self._writer, name="spool-writer", daemon=True)
@@ -123,6 +125,8 @@ class SpoolOutbox:
                 batch = [self._pending[i] for i in range(n)]
                 self._writing = n
             ok = self._attempt(batch)
+            if ok:  # before the batch leaves the hand-off: what it reports is pending when flush() looks
+                self._after_batch(any(st for _, st in batch), any(not st for _, st in batch))
             with self._cond:
                 self._writing = 0
                 if ok:
@@ -131,9 +135,7 @@ class SpoolOutbox:
                             self._pending.popleft()
                     self.batches += 1
                 self._cond.notify_all()
-            if ok:
-                self._after_batch(any(st for _, st in batch), any(not st for _, st in batch))
-            else:
+            if not ok:
                 return False
 
     def _after_batch(self, states: bool, rows: bool) -> None:
@@ -147,6 +149,7 @@ class SpoolOutbox:
             self._wake(self.state_wakeup)
         while self._recovered:
             self.report_recovered(self._recovered.pop(0))
+        self.report_drops()
 
     def _attempt(self, batch: list[tuple[Callable[[], object], bool]]) -> bool:
         try:
@@ -233,12 +236,16 @@ class SpoolOutbox:
                         {"moved_to": str(recovered.moved_to), "error": recovered.reason})
 
     def report_drops(self) -> None:
-        total = self.spool.dropped_total
-        now = time.monotonic()
-        if total > self._reported_drops and now - self._last_drop_report >= DROP_REPORT_INTERVAL_S:
+        """An `error` event for rows a full spool dropped, at most once a minute (the writer thread
+        calls this after each batch, the transport's housekeeping once a minute)."""
+        with self._drops_lock:
+            total = self.spool.dropped_total
+            now = time.monotonic()
+            if total <= self._reported_drops or now - self._last_drop_report < DROP_REPORT_INTERVAL_S:
+                return
             new = total - self._reported_drops
             self._reported_drops = total
             self._last_drop_report = now
-            self.emit_event("error", "warning", f"spool full: dropped {new} oldest entries",
+        self.emit_event("error", "warning", f"spool full: dropped {new} oldest entries",
                             {"dropped": new, "dropped_total": total, "by_kind": self.spool.dropped,
                              "max_bytes": self.spool.max_bytes})
