@@ -70,10 +70,10 @@ class SpoolOutbox:
                    data: dict[str, Any] | None = None) -> None:
         log.log(logging.WARNING if severity != "info" else logging.INFO, "event %s: %s", kind, message,
                 extra={"kv": {"kind": kind, "severity": severity}})
-        seq = self.spool.reserve_seq("event")
         ts = time.time()
         topic = self.topics.events
-        self._submit(lambda: self.spool.add_event(topic, kind, severity, message, data, ts, seq))
+        self._submit_numbered("event", lambda seq: lambda: self.spool.add_event(
+            topic, kind, severity, message, data, ts, seq))
 
     def put_state(self, topic: str, payload: dict[str, Any]) -> None:
         self._submit(lambda: self.spool.put_state(topic, encode(payload)), state=True)
@@ -83,11 +83,17 @@ class SpoolOutbox:
 
     # -- SampleSink
     def add_sample(self, sample: dict[str, Any]) -> int:
-        seq = self.spool.reserve_seq("telemetry")
-        self._submit(lambda: self.spool.add_sample(sample, seq))
-        return seq
+        return self._submit_numbered("telemetry", lambda seq: lambda: self.spool.add_sample(sample, seq))
 
     # -- the hand-off
+    def _submit_numbered(self, name: str, make: Callable[[int], Callable[[], object]]) -> int:
+        """Reserve the next seq of `name` and queue its write in one step: rows are stored in seq
+        order whichever threads emit them."""
+        with self._cond:
+            seq = self.spool.reserve_seq(name)
+            self._submit(make(seq))
+            return seq
+
     def _submit(self, op: Callable[[], object], state: bool = False) -> None:
         with self._cond:
             if len(self._pending) >= HANDOFF_MAX:
