@@ -19,7 +19,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -123,7 +123,8 @@ class Publisher:
         self.progress = asyncio.Event()  # set after each batch of deletions
         self._window = asyncio.Semaphore(max_inflight)
         self._failure: asyncio.Future[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # the publishing workers (no task per message)
+        self._work: asyncio.Queue[Outgoing | tuple[str, bytes, int]] = asyncio.Queue()
         self._acked: list[int] = []
         self._ack_event = asyncio.Event()
         self._states_inflight: dict[str, int] = {}
@@ -131,6 +132,9 @@ class Publisher:
     async def run(self, client: aiomqtt.Client, publish_timeout_s: float) -> None:
         self._failure = asyncio.get_running_loop().create_future()
         deleter = asyncio.create_task(self._delete_loop(), name="mqtt-spool-delete")
+        # max_inflight long-lived workers: the window semaphore bounds what is queued for them
+        self._tasks = {asyncio.create_task(self._worker(client, publish_timeout_s), name=f"mqtt-publish-{i}")
+                       for i in range(self.max_inflight)}
         try:
             await self._publish_loop(client, publish_timeout_s)
         finally:
@@ -167,8 +171,7 @@ class Publisher:
                 for st in await asyncio.to_thread(self.spool.pending_states):
                     if self._states_inflight.get(st.topic) != st.version:
                         self._states_inflight[st.topic] = st.version
-                        await self._start(client, self._publish_state(client, st.topic, st.payload,
-                                                                      st.version, timeout_s))
+                        await self._start((st.topic, st.payload, st.version))
             wait_s: float | None = None
             live = await asyncio.to_thread(self.spool.fetch, live_cursor, None, max(64, batch_max * 4))
             if live:
@@ -191,21 +194,36 @@ class Publisher:
                 await self._wait_for_work(wait_s)
                 continue
             for m in msgs:
-                await self._start(client, self._publish(client, m, timeout_s))
+                await self._start(m)
 
-    async def _start(self, client: aiomqtt.Client, coro: Coroutine[Any, Any, None]) -> None:
-        """Take a window slot (or fail fast if the connection is already broken), then publish."""
+    async def _start(self, item: Outgoing | tuple[str, bytes, int]) -> None:
+        """Take a window slot (or fail fast if the connection is already broken), then hand the
+        message to a worker."""
         assert self._failure is not None
-        acquire: asyncio.Future[Any] = asyncio.ensure_future(self._window.acquire())
-        failure: asyncio.Future[Any] = self._failure
-        done, _ = await asyncio.wait({acquire, failure}, return_when=asyncio.FIRST_COMPLETED)
-        if acquire not in done:
-            acquire.cancel()
-            coro.close()
-            self._failure.result()
-        task: asyncio.Task[None] = asyncio.create_task(coro, name="mqtt-publish")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if self._window.locked() or self._failure.done():
+            acquire: asyncio.Future[Any] = asyncio.ensure_future(self._window.acquire())
+            failure: asyncio.Future[Any] = self._failure
+            done, _ = await asyncio.wait({acquire, failure}, return_when=asyncio.FIRST_COMPLETED)
+            if acquire not in done:
+                acquire.cancel()
+                self._failure.result()
+        else:
+            await self._window.acquire()  # a free slot: no waiting, no futures
+        self._work.put_nowait(item)
+
+    async def _worker(self, client: aiomqtt.Client, timeout_s: float) -> None:
+        while True:
+            item = await self._work.get()
+            try:
+                if isinstance(item, Outgoing):
+                    await self._publish(client, item, timeout_s)
+                else:
+                    await self._publish_state(client, *item, timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bookkeeping error after the publish: start over from the spool
+                log.exception("publishing failed")
+                self._fail(item.topic if isinstance(item, Outgoing) else item[0], exc)
 
     async def _wait_for_work(self, timeout_s: float | None) -> None:
         assert self._failure is not None
