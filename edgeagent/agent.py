@@ -90,6 +90,7 @@ ComponentFactory = Callable[[Wiring], Sequence[Component]]
 
 def default_components(w: Wiring) -> list[Component]:
     """The production set, in start order (stopped in reverse)."""
+    from edgeagent.looplag import LoopLagComponent
     from edgeagent.monitor.component import MonitorComponent
     from edgeagent.remote_config import RemoteConfigComponent
     from edgeagent.rules import RulesComponent
@@ -101,8 +102,10 @@ def default_components(w: Wiring) -> list[Component]:
     monitor = MonitorComponent(w.live, w.metrics)
     transport = TransportComponent(w.live, w.outbox, w.router, w.sections)
     telemetry = TelemetryComponent(w.live, w.metrics, lambda: transport.sample_sink, w.sections)
-    components: list[Component] = [monitor, transport, telemetry]
-    sections = {"monitor": monitor.section, "spool": transport.spool_section, "mqtt": transport.mqtt_section,
+    loop = LoopLagComponent(w.outbox)
+    components: list[Component] = [loop, monitor, transport, telemetry]
+    sections = {"loop": loop.section, "monitor": monitor.section, "spool": transport.spool_section,
+                "mqtt": transport.mqtt_section,
                 "telemetry": telemetry.section}
     inference = None
     if w.live.config.inference.enabled:  # a restart-only key; numpy + TFLite cost ~30 MiB, so only then
@@ -121,7 +124,9 @@ def default_components(w: Wiring) -> list[Component]:
     rules = RulesComponent(w.live, w.metrics, w.outbox, w.router, w.sections, w.layers)
     updates = UpdatesComponent(w.live, w.metrics, w.outbox, w.router, model_installer=inference,
                                inference_section=inference.section if inference is not None else None,
-                               rtt_ms=lambda: transport.mqtt_section().get("rtt_ms"))
+                               rtt_ms=lambda: transport.mqtt_section().get("rtt_ms"),
+                               session=lambda: transport.session if transport.session is not None
+                               and transport.session.connected else None)
     remote = RemoteConfigComponent(w.live, w.outbox, w.router, w.layers, w.request_restart)
     w.crash_listeners.append(remote.on_crash)
     support = SupportComponent(w.live, w.outbox, w.router, lambda: transport.session, _recent_log_lines)

@@ -15,7 +15,6 @@ import os
 import select
 import sys
 from collections.abc import Sequence
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -193,6 +192,8 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     for name in CORE_PLUGINS:
         importlib.import_module(name).add_parsers(sub)
     if plugins:
+        from importlib.metadata import entry_points  # ~2.5 MiB (email, zipfile...): not for `run`
+
         for name in PLUGINS:
             importlib.import_module(name).add_parsers(sub)
         for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):

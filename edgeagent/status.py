@@ -178,6 +178,10 @@ def render(health: Mapping[str, Any], verdict: Assessment, now: float,
     if firmware:
         slot = f" (slot {firmware['slot']})" if firmware.get("slot") else ""
         lines.append(f"{'firmware':<16}{firmware.get('version', '?')}{slot}")
+    loop = _section(health, "loop")
+    if loop.get("lag_p99_ms") is not None:
+        lines.append(f"{'loop lag':<16}p99 {loop.get('lag_p99_ms')} ms over the last minute "
+                     f"(max {loop.get('lag_max_ms')} ms)")
     spool = _section(health, "spool")
     if spool:
         size_kib = _num(spool.get("bytes")) / 1024

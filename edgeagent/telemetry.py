@@ -31,6 +31,9 @@ _once = Once(log)
 def build_sample(metrics: dict[str, Any], sections: dict[str, dict[str, Any]], ts: float) -> dict[str, Any]:
     """A sample without its seq (the spool assigns it); absent sections are omitted."""
     sample: dict[str, Any] = {"ts": ts, "metrics": dict(metrics)}
+    lag = sections.get("loop", {}).get("lag_p99_ms")
+    if lag is not None:
+        sample["metrics"]["loop_lag_p99_ms"] = lag
     for name in SAMPLE_SECTIONS:
         if sections.get(name):  # an empty `sensors` (no bus source) is left out
             sample[name] = sections[name]
@@ -72,7 +75,7 @@ class TelemetryComponent:
         if sink is None:
             _once.warning("nosink", "no spool-backed outbox (transport not running); sample dropped")
             return None
-        sections = self._sections.snapshot(SAMPLE_SECTIONS)
+        sections = self._sections.snapshot((*SAMPLE_SECTIONS, "loop"))
         seq = sink.add_sample(build_sample(self.metrics.latest, sections, time.time()))
         self.samples += 1
         if seq:  # 0: the spool could not be written now; the sample waits in memory for its seq

@@ -14,6 +14,7 @@ from edgeagent.core.errors import SpoolError
 from edgeagent.core.protocol import Topics
 from edgeagent.transport.publisher import group, live_ready
 from edgeagent.transport.spool import KIND_SAMPLE, ROW_OVERHEAD_BYTES, Row, Spool
+from tests.util import async_wait_until
 
 TOPICS = Topics("edge", "dev1")
 
@@ -241,12 +242,15 @@ def test_writes_that_fail_wait_in_memory_in_order(tmp_path: Path) -> None:
         s.db.execute(f"PRAGMA max_page_count={s.db.execute('PRAGMA page_count').fetchone()[0] + 2}")
         seqs = [outbox.add_sample({"ts": float(i), "pad": "x" * 2000}) for i in range(20)]
         outbox.emit_event("error", "warning", "disk trouble")
-        assert 0 in seqs and outbox.deferred > 0  # some writes failed and wait
+        assert seqs == list(range(1, 21))  # numbered at once, whatever the disk does
+        assert not outbox.flush() and outbox.failing and outbox.deferred > 0  # a batch waits
         outbox.retry_deferred()  # still full: they keep waiting
-        assert outbox.deferred > 0
+        assert not outbox.flush() and outbox.deferred > 0
         s.db.execute("PRAGMA max_page_count=1000000")
         outbox.retry_deferred()
-        assert outbox.deferred == 0 and outbox.lost == 0
+        await async_wait_until(lambda: outbox.deferred == 0, 10, message="the waiting rows written")
+        assert outbox.lost == 0
+        outbox.close()
         rows = s.fetch(0, None, 100)
         samples = [json.loads(r.payload) for r in rows if r.kind == KIND_SAMPLE]
         assert [x["ts"] for x in samples] == [float(i) for i in range(20)]  # original order

@@ -46,11 +46,13 @@ def test_backlog_drains_after_writes_and_deletes_failed(tmp_path: Path, broker: 
                 # rows in the spool, the broker away
                 await asyncio.to_thread(broker.stop)
                 stored = [tel.sample_now() for _ in range(10)]
+                assert await asyncio.to_thread(outbox.flush)  # the writer thread has them
                 assert stored == list(range(1, 11)) and spool.count == 10
                 # the disk fills: new samples wait in memory, and once the broker is back the
                 # spooled ones are published but cannot be deleted
                 refuse_writes(transport, True)
-                assert [tel.sample_now() for _ in range(5)] == [0] * 5
+                assert [tel.sample_now() for _ in range(5)] == list(range(11, 16))  # numbered at once
+                assert not await asyncio.to_thread(outbox.flush)  # but they wait in memory
                 assert outbox.deferred == 5
                 await asyncio.to_thread(broker.start)
                 await async_wait_until(lambda: published_samples(transport) >= 10, 15,

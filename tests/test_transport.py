@@ -34,6 +34,7 @@ def test_backlog_is_drained_without_starving_live_samples(tmp_path: Path) -> Non
             tel = rig.telemetry(w, transport)
             for _ in range(3000):
                 tel.sample_now()
+            assert transport.outbox is not None and await asyncio.to_thread(transport.outbox.flush)
             assert transport.spool is not None and transport.spool.count == 3000
             await asyncio.to_thread(broker.start)
             await async_wait_until(lambda: obs.seqs(), 20, message="draining started")
@@ -220,10 +221,13 @@ def test_offline_mode_spools_quietly(tmp_path: Path, caplog: pytest.LogCaptureFi
             w.metrics.publish({"cpu_percent": 5.0, "pad": "x" * 300})
             spool = transport.spool
             assert spool is not None
-            for _ in range(1000):
+            for i in range(1000):
                 tel.sample_now()
                 if spool.dropped_total:
                     break
+                if i % 20 == 19:  # the writer thread stores them; let it catch up now and then
+                    assert transport.outbox is not None and await asyncio.to_thread(transport.outbox.flush)
+            assert transport.outbox is not None and await asyncio.to_thread(transport.outbox.flush)
             assert transport.mqtt_section()["connected"] is False
             assert spool.bytes <= spool.max_bytes
             assert spool.dropped["samples"] > 0

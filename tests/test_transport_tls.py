@@ -134,6 +134,7 @@ def test_bad_certificates_are_refused_logged_and_retried(case: str, tmp_path: Pa
                 expect in r.getMessage() for r in caplog.records), 30)
             assert session.connects == 0 and not w.router.connected
             w.outbox.emit_event("error", "info", "still spooling")
+            assert t.outbox is not None and await asyncio.to_thread(t.outbox.flush)
             assert t.spool is not None and t.spool.count == 1
 
     with caplog.at_level(logging.DEBUG, logger="edgeagent.transport.session"):

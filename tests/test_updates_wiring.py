@@ -47,7 +47,9 @@ def test_subscriptions_sections_and_a_model_job_without_installer(tmp_path: Path
                 assert (job.state, job.reason) == ("failed", "no model installer (inference is disabled)")
                 assert [s for s, _ in job.history] == ["received", "downloading", "verified", "installing",
                                                       "failed"]
-                assert outbox.states[live.topics.job_status("noinst")]["state"] == "failed"
+                # the journal says final before the retained status is put: wait for that too
+                status = live.topics.job_status("noinst")
+                await async_wait_until(lambda: outbox.states[status]["state"] == "failed", 10)
                 assert comp.section()["jobs"] == []
             finally:
                 await cancel_and_wait(runner)

@@ -364,6 +364,8 @@ class UpdatesConfig:
     # flow control: chunks are requested at most this far ahead of what is on disk, which bounds
     # the memory a transfer can take in the MQTT receive path
     request_window_kb: float = field(default=2048.0, metadata=_range(16, 1_048_576))
+    # cap of the download rate for metered or shared links (0: none); chunk requests are paced to it
+    max_rate_bytes_s: float = field(default=0.0, metadata=_range(0, 10_000_000_000))
     # a model bundle may unpack to at most artifact size x this (decompression bombs stop early)
     max_unpacked_ratio: float = field(default=20.0, metadata=_range(1, 10_000))
     model_install_timeout_s: float = field(default=600.0, metadata=_range(1, 86400))

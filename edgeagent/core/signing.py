@@ -17,17 +17,65 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import rfc8785
 
 from edgeagent.core.errors import ConfigError, SignatureInvalid
 from edgeagent.core.logs import Once
 
-# cryptography costs ~8 MiB of RSS: imported on first use, so an agent without updates or
-# remote config (and a monitor-only board) never pays for it
+# cryptography costs ~6-8 MiB of RSS: imported on first use (the first signed message, or a key
+# file that is not a plain Ed25519 PEM), so an agent that verifies nothing never pays for it
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+
+class PublicKey(Protocol):
+    """What `verify` needs of a trusted key (Ed25519PublicKey and TrustedKey both fit)."""
+
+    def verify(self, signature: bytes, data: bytes) -> None:
+        """Return if `signature` is valid for `data`; raise cryptography's InvalidSignature if not."""
+
+
+# DER of an Ed25519 SubjectPublicKeyInfo (RFC 8410): this prefix, then the 32 key bytes
+_ED25519_SPKI = bytes.fromhex("302a300506032b6570032100")
+
+
+class TrustedKey:
+    """An Ed25519 public key read from PEM without cryptography; the key object (and the library)
+    is made on the first `verify`."""
+
+    __slots__ = ("_key", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._key: Ed25519PublicKey | None = None
+
+    def verify(self, signature: bytes, data: bytes) -> None:
+        if self._key is None:
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+            self._key = Ed25519PublicKey.from_public_bytes(self.raw)
+        self._key.verify(signature, data)
+
+
+def _plain_ed25519_pem(data: bytes) -> bytes | None:
+    """The 32 key bytes of a one-block `-----BEGIN PUBLIC KEY-----` Ed25519 PEM, else None (then
+    cryptography reads the file and says what is wrong with it)."""
+    try:
+        text = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return None
+    lines = text.splitlines()
+    if len(lines) < 3 or lines[0] != "-----BEGIN PUBLIC KEY-----" or lines[-1] != "-----END PUBLIC KEY-----":
+        return None
+    try:
+        der = base64.b64decode("".join(line.strip() for line in lines[1:-1]), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(der) != len(_ED25519_SPKI) + 32 or not der.startswith(_ED25519_SPKI):
+        return None
+    return der[len(_ED25519_SPKI):]
 
 ALG = "ed25519"
 TYPES = ("manifest", "cancel", "config", "support")
@@ -52,11 +100,14 @@ def legacy_canonical(message: Mapping[str, Any]) -> bytes:
     return json.dumps(_body(message), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def load_public_key(path: Path) -> Ed25519PublicKey:
+def load_public_key(path: Path) -> PublicKey:
+    data = Path(path).read_bytes()
+    raw = _plain_ed25519_pem(data)
+    if raw is not None:
+        return TrustedKey(raw)
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    data = Path(path).read_bytes()
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError as exc:
@@ -80,9 +131,9 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def load_trusted_keys(paths: Mapping[str, str]) -> dict[str, Ed25519PublicKey]:
+def load_trusted_keys(paths: Mapping[str, str]) -> dict[str, PublicKey]:
     """key_id -> public key; every unreadable key is reported, with its key id."""
-    keys: dict[str, Ed25519PublicKey] = {}
+    keys: dict[str, PublicKey] = {}
     errors: list[str] = []
     for key_id, path in paths.items():
         try:
@@ -122,7 +173,7 @@ def sign(message: Mapping[str, Any], key: Ed25519PrivateKey, key_id: str) -> dic
     return {**_body(message), "sig": {"alg": ALG, "key_id": key_id, "value": value}}
 
 
-def verify(message: Mapping[str, Any], trusted: Mapping[str, Ed25519PublicKey], expected_type: str) -> str:
+def verify(message: Mapping[str, Any], trusted: Mapping[str, PublicKey], expected_type: str) -> str:
     """Check the message's `type`, then `sig`; return the key id that signed it or raise SignatureInvalid.
 
     The type is looked at first because it is what binds the bytes to the topic they arrived on;

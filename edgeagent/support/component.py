@@ -29,8 +29,8 @@ from edgeagent.core.tasks import cancel_and_wait, wait_event
 from edgeagent.support import request as rq
 from edgeagent.support.bundle import build_bundle
 
-if TYPE_CHECKING:  # cryptography is imported on first use (signing.py)
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+if TYPE_CHECKING:  # cryptography is imported on first use (core/signing.py)
+    from edgeagent.core.signing import PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class SupportComponent:
         self.dir = Path(live.config.device.state_dir) / "support"
         self.seen = rq.Seen(self.dir / "seen.json")
         self.rejections = Rejections(outbox)
-        self.trusted: dict[str, Ed25519PublicKey] = {}
+        self.trusted: dict[str, PublicKey] = {}
         self._job: asyncio.Task[None] | None = None
         self._job_id = ""
         self._level_task: asyncio.Task[None] | None = None

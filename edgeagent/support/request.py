@@ -20,8 +20,8 @@ from edgeagent.core.errors import EdgeAgentError, ProtocolError, SignatureInvali
 from edgeagent.core.fsutil import atomic_write_bytes
 from edgeagent.core.protocol import loads_object
 
-if TYPE_CHECKING:  # cryptography is imported on first use (signing.py)
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+if TYPE_CHECKING:  # cryptography is imported on first use (core/signing.py)
+    from edgeagent.core.signing import PublicKey
 
 TYPE = "support"
 ACTIONS = ("bundle", "log_level")
@@ -81,7 +81,7 @@ def _number(doc: Mapping[str, Any], key: str) -> float:
     return float(value)
 
 
-def check(topic: str, payload: bytes, *, base: str, trusted: Mapping[str, Ed25519PublicKey],
+def check(topic: str, payload: bytes, *, base: str, trusted: Mapping[str, PublicKey],
           device_id: str, groups: Sequence[str], seen: Seen, limits: Limits,
           now: float) -> SupportRequest:
     """The request this message carries, or Refused with the reason."""

@@ -126,5 +126,7 @@ class TransportComponent:
                 await self.session.shutdown(flush_s=min(3.0, budget_s * 0.3),
                                             close_s=min(5.0, budget_s * 0.4))
         finally:
+            if self.outbox is not None:
+                await asyncio.to_thread(self.outbox.close)
             if self.spool is not None:
                 await asyncio.to_thread(self.spool.close)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +61,7 @@ class Outgoing:
 def group(rows: Sequence[Row], topics: Topics, batch_max: int) -> list[Outgoing]:
     """Pack rows (in id order) into messages: runs of telemetry samples share a message."""
     out: list[Outgoing] = []
-    head = b'{"v":1,"device":' + _json_str(topics.device) + b',"samples":['
+    head = _head(topics.device)
     run: list[Row] = []
 
     def flush() -> None:
@@ -94,10 +96,10 @@ def live_ready(rows: Sequence[Row], batch_max: int, batch_wait_s: float, waited_
     return wait_s if wait_s > 0 else None
 
 
-def _json_str(s: str) -> bytes:
-    import json
-
-    return json.dumps(s, ensure_ascii=False).encode()
+@functools.lru_cache(maxsize=8)
+def _head(device: str) -> bytes:
+    """The encoded start of a telemetry message, made once per device id (not per batch)."""
+    return b'{"v":1,"device":' + json.dumps(device, ensure_ascii=False).encode() + b',"samples":['
 
 
 @dataclass
@@ -121,7 +123,8 @@ class Publisher:
         self.progress = asyncio.Event()  # set after each batch of deletions
         self._window = asyncio.Semaphore(max_inflight)
         self._failure: asyncio.Future[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # the publishing workers (no task per message)
+        self._work: asyncio.Queue[Outgoing | tuple[str, bytes, int]] = asyncio.Queue()
         self._acked: list[int] = []
         self._ack_event = asyncio.Event()
         self._states_inflight: dict[str, int] = {}
@@ -129,6 +132,9 @@ class Publisher:
     async def run(self, client: aiomqtt.Client, publish_timeout_s: float) -> None:
         self._failure = asyncio.get_running_loop().create_future()
         deleter = asyncio.create_task(self._delete_loop(), name="mqtt-spool-delete")
+        # max_inflight long-lived workers: the window semaphore bounds what is queued for them
+        self._tasks = {asyncio.create_task(self._worker(client, publish_timeout_s), name=f"mqtt-publish-{i}")
+                       for i in range(self.max_inflight)}
         try:
             await self._publish_loop(client, publish_timeout_s)
         finally:
@@ -165,8 +171,7 @@ class Publisher:
                 for st in await asyncio.to_thread(self.spool.pending_states):
                     if self._states_inflight.get(st.topic) != st.version:
                         self._states_inflight[st.topic] = st.version
-                        await self._start(client, self._publish_state(client, st.topic, st.payload,
-                                                                      st.version, timeout_s))
+                        await self._start((st.topic, st.payload, st.version))
             wait_s: float | None = None
             live = await asyncio.to_thread(self.spool.fetch, live_cursor, None, max(64, batch_max * 4))
             if live:
@@ -189,21 +194,36 @@ class Publisher:
                 await self._wait_for_work(wait_s)
                 continue
             for m in msgs:
-                await self._start(client, self._publish(client, m, timeout_s))
+                await self._start(m)
 
-    async def _start(self, client: aiomqtt.Client, coro: Coroutine[Any, Any, None]) -> None:
-        """Take a window slot (or fail fast if the connection is already broken), then publish."""
+    async def _start(self, item: Outgoing | tuple[str, bytes, int]) -> None:
+        """Take a window slot (or fail fast if the connection is already broken), then hand the
+        message to a worker."""
         assert self._failure is not None
-        acquire: asyncio.Future[Any] = asyncio.ensure_future(self._window.acquire())
-        failure: asyncio.Future[Any] = self._failure
-        done, _ = await asyncio.wait({acquire, failure}, return_when=asyncio.FIRST_COMPLETED)
-        if acquire not in done:
-            acquire.cancel()
-            coro.close()
-            self._failure.result()
-        task: asyncio.Task[None] = asyncio.create_task(coro, name="mqtt-publish")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if self._window.locked() or self._failure.done():
+            acquire: asyncio.Future[Any] = asyncio.ensure_future(self._window.acquire())
+            failure: asyncio.Future[Any] = self._failure
+            done, _ = await asyncio.wait({acquire, failure}, return_when=asyncio.FIRST_COMPLETED)
+            if acquire not in done:
+                acquire.cancel()
+                self._failure.result()
+        else:
+            await self._window.acquire()  # a free slot: no waiting, no futures
+        self._work.put_nowait(item)
+
+    async def _worker(self, client: aiomqtt.Client, timeout_s: float) -> None:
+        while True:
+            item = await self._work.get()
+            try:
+                if isinstance(item, Outgoing):
+                    await self._publish(client, item, timeout_s)
+                else:
+                    await self._publish_state(client, *item, timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bookkeeping error after the publish: start over from the spool
+                log.exception("publishing failed")
+                self._fail(item.topic if isinstance(item, Outgoing) else item[0], exc)
 
     async def _wait_for_work(self, timeout_s: float | None) -> None:
         assert self._failure is not None

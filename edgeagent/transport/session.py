@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import json
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -168,7 +169,7 @@ class Session:
             pub.flushing = True
             self.outbox.wakeup.set()
             deadline = time.monotonic() + flush_s
-            while self.spool.count or self.spool.states_pending:
+            while self.spool.count or self.spool.states_pending or self.outbox.deferred:
                 left = deadline - time.monotonic()
                 if left <= 0 or not self.connected:
                     break
@@ -212,6 +213,7 @@ class Session:
                 continue
             started = time.monotonic()
             self.connects += 1
+            no_delay(client)
             self._once.reset("lost")
             choice.connected(version)
             log.info("connected to broker", extra={"kv": {"host": m.host, "port": m.port,
@@ -494,3 +496,14 @@ class Session:
         except (ValueError, KeyError, TypeError, RecursionError):
             return  # not ours (another session of the same device, or a stray or hostile message)
         self.rtt_ms = round((time.monotonic() - sent) * 1000.0, 2)
+
+
+def no_delay(client: aiomqtt.Client) -> None:
+    """TCP_NODELAY on the broker socket: small packets (PUBACKs, chunk requests, pings) go out at
+    once. With Nagle's algorithm each waits for the TCP ACK of the one before, which a delayed-ACK
+    peer holds for 40 ms: that stalls a transfer under ReceiveMaximum and slows every round trip."""
+    sock = client._client.socket()  # paho's socket (plain or TLS)
+    setsockopt = getattr(sock, "setsockopt", None)
+    if setsockopt is not None:
+        with contextlib.suppress(OSError):
+            setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

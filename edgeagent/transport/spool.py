@@ -10,8 +10,9 @@ spool starts above every seq ever handed out, so seq stays strictly increasing (
 
 The spool is bounded by `max_bytes` (payload bytes + a per-row estimate): when full the oldest rows
 are dropped and counted per kind. A file that SQLite cannot read is renamed aside and replaced.
-Thread-safe (one connection behind a lock): the event loop adds rows (one short transaction),
-the publisher reads and deletes through `asyncio.to_thread`.
+Thread-safe (one connection behind a lock). In the agent every write comes from the outbox's
+writer thread, many rows per transaction (`transaction()`); seq numbers are handed out under a
+lock of their own (`reserve_seq`), so the event loop never waits for SQLite.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,7 +142,9 @@ class Spool:
         self.path = Path(path)
         self.max_bytes = max(1, int(max_bytes))
         self.device = device
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._seq_lock = threading.Lock()  # seq numbers: never held while SQLite works
+        self._in_tx = False  # inside transaction(): single writes join it
         self._db: sqlite3.Connection | None = None
         self._seq = {"telemetry": 0, "event": 0}
         self._reserved = {"telemetry": 0, "event": 0}
@@ -211,10 +215,12 @@ class Spool:
         self._high_id = max(self._high_id, int(row[0]) if row else 0)
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         reserved = self._read_reserved()
-        for name in self._seq:
-            # a new spool (no meta) continues above every seq ever reserved
-            self._seq[name] = int(meta.get(f"seq_{name}", reserved.get(name, 0)))
-            self._reserved[name] = max(int(reserved.get(name, 0)), self._seq[name])
+        with self._seq_lock:
+            for name in self._seq:
+                # a new spool (no meta) continues above every seq ever reserved (and handed out)
+                self._seq[name] = max(int(meta.get(f"seq_{name}", reserved.get(name, 0))),
+                                      self._seq[name] if self.recovered else 0)
+                self._reserved[name] = max(int(reserved.get(name, 0)), self._seq[name])
         for kind in self._dropped:
             self._dropped[kind] = int(meta.get(f"dropped_{kind}", 0))
         row = db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox").fetchone()
@@ -266,31 +272,55 @@ class Spool:
 
     # ------------------------------------------------------------------ writes
 
-    def _next_seq(self, name: str) -> int:
-        seq = self._seq[name] + 1
-        if seq >= self._reserved[name]:
-            reserved = dict(self._reserved)
-            reserved[name] = seq + SEQ_BLOCK
-            atomic_write_json(self.seq_path, reserved)  # before the seq is used: crash-safe order
-            self._reserved = reserved
+    def reserve_seq(self, name: str) -> int:
+        """The next `seq` of `name` ("telemetry" or "event"), handed out before its row is written:
+        a row whose write fails and is retried keeps its number. Writes the side file once per
+        SEQ_BLOCK numbers, before the number is used (crash-safe order)."""
+        with self._seq_lock:
+            seq = self._seq[name] + 1
+            if seq >= self._reserved[name]:
+                reserved = dict(self._reserved)
+                reserved[name] = seq + SEQ_BLOCK
+                atomic_write_json(self.seq_path, reserved)
+                self._reserved = reserved
+            self._seq[name] = seq
+            return seq
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Many writes in one SQLite transaction (the writer thread's batches): all or none."""
+        with self._lock:
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            self._in_tx = True
+            try:
+                yield
+                db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                self._refresh_counts()
+                raise
+            finally:
+                self._in_tx = False
+
+    def add_sample(self, sample: dict[str, Any], seq: int | None = None) -> int:
+        """Number the sample (`seq`, unless reserved before) and store it; returns the seq."""
+        if seq is None:
+            seq = self.reserve_seq("telemetry")
+        body = encode({"seq": seq, **{k: v for k, v in sample.items() if k != "seq"}})
+        with self._lock:
+            self._insert(KIND_SAMPLE, None, body, "telemetry", seq)
         return seq
 
-    def add_sample(self, sample: dict[str, Any]) -> int:
-        """Number the sample (`seq`) and store it; returns the seq."""
-        with self._lock:
-            seq = self._next_seq("telemetry")
-            body = encode({"seq": seq, **{k: v for k, v in sample.items() if k != "seq"}})
-            self._insert(KIND_SAMPLE, None, body, "telemetry", seq)
-            return seq
-
     def add_event(self, topic: str, kind: str, severity: str, message: str,
-                  data: dict[str, Any] | None = None, ts: float | None = None) -> int:
+                  data: dict[str, Any] | None = None, ts: float | None = None, seq: int | None = None) -> int:
         """Build an events payload with the next event seq and store it; returns the seq."""
+        if seq is None:
+            seq = self.reserve_seq("event")
+        body = encode(event(self.device, seq, kind, severity, message, data, ts))
         with self._lock:
-            seq = self._next_seq("event")
-            body = encode(event(self.device, seq, kind, severity, message, data, ts))
             self._insert(KIND_EVENT, topic, body, "event", seq)
-            return seq
+        return seq
 
     def add_message(self, topic: str, payload: bytes) -> None:
         with self._lock:
@@ -300,7 +330,9 @@ class Spool:
                 seq: int) -> None:
         db = self.db
         size = len(payload) + ROW_OVERHEAD_BYTES
-        db.execute("BEGIN IMMEDIATE")
+        own_tx = not self._in_tx
+        if own_tx:
+            db.execute("BEGIN IMMEDIATE")
         try:
             if self.bytes + size > self.max_bytes:
                 self._drop_oldest(self.bytes + size - self.max_bytes)
@@ -308,14 +340,14 @@ class Spool:
                              (kind, topic, payload, time.time()))
             if seq_name is not None:
                 db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"seq_{seq_name}", seq))
-            db.execute("COMMIT")
+            if own_tx:
+                db.execute("COMMIT")
         except BaseException:
-            _rollback(db)
-            self._refresh_counts()
+            if own_tx:
+                _rollback(db)
+                self._refresh_counts()
             raise
         self._high_id = max(self._high_id, cur.lastrowid or 0)
-        if seq_name is not None:
-            self._seq[seq_name] = seq
         self.count += 1
         self.bytes += size
 
@@ -353,20 +385,25 @@ class Spool:
         meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
         for kind in self._dropped:
             self._dropped[kind] = int(meta.get(f"dropped_{kind}", 0))
+        self.states_pending = int(self.db.execute("SELECT COUNT(*) FROM state").fetchone()[0])
 
     def put_state(self, topic: str, payload: bytes) -> int:
         """Store the latest retained value for `topic`; returns its version."""
         with self._lock:
             db = self.db
-            db.execute("BEGIN IMMEDIATE")
+            own_tx = not self._in_tx
+            if own_tx:
+                db.execute("BEGIN IMMEDIATE")
             try:
                 row = db.execute("SELECT version FROM state WHERE topic = ?", (topic,)).fetchone()
                 version = (int(row[0]) if row else 0) + 1
                 db.execute("INSERT OR REPLACE INTO state (topic, payload, version) VALUES (?, ?, ?)",
                            (topic, payload, version))
-                db.execute("COMMIT")
+                if own_tx:
+                    db.execute("COMMIT")
             except BaseException:
-                _rollback(db)
+                if own_tx:
+                    _rollback(db)
                 raise
             if row is None:
                 self.states_pending += 1

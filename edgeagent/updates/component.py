@@ -17,10 +17,10 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edgeagent import __version__
-from edgeagent.core import signing
+from edgeagent.core import protocol, signing
 from edgeagent.core.backoff import backoff_s
 from edgeagent.core.errors import ConfigError
 from edgeagent.core.live import LiveConfig, Metrics, Outbox, Router
@@ -38,15 +38,22 @@ from edgeagent.updates.perform import Performer
 from edgeagent.updates.seams import ModelInstaller
 from edgeagent.updates.transfer import Transfer
 
-if TYPE_CHECKING:  # cryptography is imported on first use (signing.py): ~8 MiB of RSS
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+if TYPE_CHECKING:  # cryptography is imported on first use (core/signing.py)
+    from edgeagent.core.signing import PublicKey
 
 log = logging.getLogger(__name__)
 
+REQUEST_TIMEOUT_S = 5.0  # a chunk request sent straight through the session waits this long for its PUBACK
 MAX_CRASHES = 3  # a job whose task crashes more often than this (a bug, an OS error) fails
 CRASH_RETRY_INITIAL_S = 1.0
 CRASH_RETRY_MAX_S = 8.0
 REJECTIONS_FLUSH_S = 5.0  # how often the loop sends the counts of refusals whose window has passed
+
+
+class DirectPublisher(Protocol):
+    """The session's straight publish (transport/session.py `Session.publish_now`)."""
+
+    async def publish_now(self, topic: str, payload: bytes, timeout_s: float = ...) -> None: ...
 
 
 class UpdatesComponent:
@@ -63,7 +70,8 @@ class UpdatesComponent:
                  inference_section: Callable[[], dict[str, Any]] | None = None,
                  rtt_ms: Callable[[], float | None] = lambda: None, *,
                  runner: FirmwareRunner | None = None, arch: str | None = None,
-                 local_now: Callable[[], datetime] = datetime.now) -> None:
+                 local_now: Callable[[], datetime] = datetime.now,
+                 session: Callable[[], DirectPublisher | None] = lambda: None) -> None:
         # rtt_ms: the broker round trip for the network gate (the transport measures it).
         # runner, arch and local_now are test seams (firmware commands, platform, the local clock
         # of maintenance windows); production passes none of them
@@ -75,11 +83,12 @@ class UpdatesComponent:
         self.model_installer = model_installer
         self.arch = arch or platform.machine()
         self.local_now = local_now
+        self.session = session  # chunk requests go straight through it while connected
         self.state_dir = Path(live.config.device.state_dir)
         self.updates_dir = self.state_dir / "updates"
         self.journal = Journal(self.state_dir)
         self.book = JobBook(live, outbox, self.journal, self.updates_dir)
-        self.trusted: dict[str, Ed25519PublicKey] = {}
+        self.trusted: dict[str, PublicKey] = {}
         self.keys_error = ""
         self.averager = MetricsAverager()
         self.transfers: dict[str, Transfer] = {}
@@ -94,6 +103,18 @@ class UpdatesComponent:
                                      runner, inference_section)
         self.performer = Performer(self)
         self.inputs = Inputs(self)
+
+    async def send_now(self, topic: str, payload: dict[str, Any]) -> bool:
+        """Publish straight through the session (not the spool); False when that is not possible
+        now (offline, the connection dropped): the caller spools it instead."""
+        session = self.session()
+        if session is None:
+            return False
+        try:
+            await session.publish_now(topic, protocol.dumps(payload), REQUEST_TIMEOUT_S)
+        except (ConnectionError, asyncio.TimeoutError):
+            return False
+        return True
 
     @property
     def dropped_chunks(self) -> int:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from edgeagent.core import audience, protocol
@@ -13,13 +15,17 @@ from edgeagent.core.errors import ChunkRejected, ManifestRejected, ProtocolError
 from edgeagent.updates import decide as d
 from edgeagent.updates import manifest
 from edgeagent.updates.jobs import Job, JobFacts
+from edgeagent.updates.transfer import Transfer
 
 if TYPE_CHECKING:
     from edgeagent.updates.component import UpdatesComponent
 
 log = logging.getLogger("edgeagent.updates.component")
 
-MAX_MANIFEST_BYTES = 1024 * 1024  # MAX_CHUNKS chunk digests (67 bytes each in JSON) fit
+MAX_MANIFEST_BYTES = 1024 * 1024
+# chunks handed to the writer thread and not written yet: past this the receive path waits (the
+# router stops reading, the broker holds the rest); the request window keeps a real sender below it
+MAX_WRITE_BACKLOG_BYTES = 4 * 1024 * 1024  # MAX_CHUNKS chunk digests (67 bytes each in JSON) fit
 # a chunk index in a topic: ASCII digits only (str.isdigit() also takes "²" and "٣", int() then
 # fails or reads them), at most 9 of them (no manifest has a billion chunks)
 CHUNK_INDEX_RE = re.compile(r"[0-9]{1,9}")
@@ -38,8 +44,14 @@ class Inputs:
         # chunk writes on one thread of our own: in order, and one malloc arena instead of one per
         # default-executor thread (which would keep freed chunk buffers as RSS)
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="updates-io")
+        self._writing: list[tuple[Future[bool], int]] = []  # (write, bytes) not finished, in order
+        self._writing_bytes = 0
+        self._flush_timers: dict[str, asyncio.TimerHandle] = {}
 
     def close(self) -> None:
+        for timer in self._flush_timers.values():
+            timer.cancel()
+        self._flush_timers.clear()
         self.io.shutdown(wait=False)
 
     def refuse(self, key: str, message: str, data: dict[str, object] | None = None) -> None:
@@ -157,17 +169,47 @@ class Inputs:
             if job_id not in self.comp.journal.jobs:  # a known job's: other devices' requests, late
                 self.refuse("orphan-chunk", f"chunk for unknown job {job_id}", {"job": job_id})
             return
+        # hand the chunk to the writer thread (validate, pwrite, running sha256) without waiting for
+        # it: the next chunk is read meanwhile; only a backlog past the byte bound makes us wait
+        while self._writing and self._writing_bytes + len(data) > MAX_WRITE_BACKLOG_BYTES:
+            await asyncio.wait([asyncio.wrap_future(self._writing[0][0])])
+            self._reap()
+        loop = asyncio.get_running_loop()
+        fut = self.io.submit(transfer.write, int(index_text), data)
+        self._writing.append((fut, len(data)))
+        self._writing_bytes += len(data)
+        fut.add_done_callback(lambda f: _call_soon(loop, self._written, job_id, f))
+
+    def _reap(self) -> None:
+        while self._writing and self._writing[0][0].done():
+            self._writing_bytes -= self._writing.pop(0)[1]
+
+    def _written(self, job_id: str, fut: Future[bool]) -> None:
+        """On the loop, once the writer thread is done with a chunk."""
+        self._reap()
         try:
-            loop = asyncio.get_running_loop()
-            new = await loop.run_in_executor(self.io, transfer.write, int(index_text), data)
+            new = fut.result()
         except ChunkRejected as exc:
             self.rejected_chunks += 1
             self._chunk_problem(job_id, str(exc))
             return
+        except Exception:
+            log.exception("chunk write failed", extra={"kv": {"job": job_id}})
+            return
         if new:
+            transfer = self.comp.transfers.get(job_id)
+            if transfer is not None and transfer.dirty and job_id not in self._flush_timers:
+                # the bitmap of the last chunks of a burst is persisted soon, not at the next chunk
+                self._flush_timers[job_id] = asyncio.get_running_loop().call_later(
+                    transfer.persist_every_s, self._flush, job_id, transfer)
             ev = self.comp.chunk_events.get(job_id)
             if ev is not None:
                 ev.set()
+
+    def _flush(self, job_id: str, transfer: Transfer) -> None:
+        self._flush_timers.pop(job_id, None)
+        if transfer.dirty:
+            self.io.submit(transfer.flush)
 
     def _chunk_problem(self, job_id: str, reason: str) -> None:
         job = self.comp.journal.jobs.get(job_id)
@@ -200,6 +242,12 @@ class Inputs:
             elif isinstance(decision, d.Finish) and job is not None:
                 await comp.book.transition(job, decision.state, decision.reason)
                 await comp.book.cleanup(job)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[str, Future[bool]], None], job_id: str,
+               fut: Future[bool]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop closed at exit: nobody waits any more
+        loop.call_soon_threadsafe(fn, job_id, fut)
 
 
 def _refusal_key(event: d.ManifestReceived, existing: Job | None) -> str:

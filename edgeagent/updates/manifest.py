@@ -20,8 +20,8 @@ from edgeagent.core.audience import Audience
 from edgeagent.core.errors import ManifestRejected, SignatureInvalid
 from edgeagent.core.shadow_spec import ShadowSpec, ShadowSpecError, parse_shadow
 
-if TYPE_CHECKING:  # cryptography is imported on first use (signing.py): ~8 MiB of RSS
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+if TYPE_CHECKING:  # cryptography is imported on first use (core/signing.py)
+    from edgeagent.core.signing import PublicKey
 
 KINDS = ("model", "firmware")
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -242,7 +242,7 @@ def _sizes(msg: Mapping[str, Any], job: str) -> tuple[int, int, int]:
     return size, chunk_size, chunks
 
 
-def verify(msg: Mapping[str, Any], trusted: Mapping[str, Ed25519PublicKey]) -> Manifest:
+def verify(msg: Mapping[str, Any], trusted: Mapping[str, PublicKey]) -> Manifest:
     """Signature (over `"type": "manifest"`) first: nothing unsigned is even parsed further."""
     job = msg.get("job") if isinstance(msg.get("job"), str) else None
     try:
@@ -281,7 +281,7 @@ def check(m: Manifest, c: Checks) -> None:
                                f"accepted {m.kind} {m.name} manifest ({c.newest_issued_at:.0f})", m.job)
 
 
-def verify_cancel(msg: Mapping[str, Any], job: str, trusted: Mapping[str, Ed25519PublicKey],
+def verify_cancel(msg: Mapping[str, Any], job: str, trusted: Mapping[str, PublicKey],
                   device_id: str, groups: Sequence[str]) -> None:
     """A cancel must be signed over `"type": "cancel"` (a replayed manifest is not one), name the job
     of its topic, be meant for this device and say when it was issued."""

@@ -109,15 +109,18 @@ class Performer:
         event = asyncio.Event()
         comp.chunk_events[job.job] = event
         comp.transfers[job.job] = transfer
-        puller = Puller(transfer, max(2, int(cfg.request_window_kb * 1024) // m.chunk_size))
+        puller = Puller(transfer, max(2, int(cfg.request_window_kb * 1024) // m.chunk_size),
+                        cfg.max_rate_bytes_s, time.monotonic())
         interval = cfg.request_interval_s
         unanswered = 0
         was_connected = False
+        last_chunk = time.monotonic()
         try:
             while not transfer.complete:
                 now = time.time()
+                mono = time.monotonic()
                 connected = comp.router.connected
-                tick = d.DownloadTick(now, m.expires, connected, was_connected, puller.due(),
+                tick = d.DownloadTick(now, m.expires, connected, was_connected, puller.due(mono),
                                       transfer.received, m.chunks)
                 was_connected = connected
                 decisions = d.decide(self.facts(job), tick)
@@ -125,14 +128,22 @@ class Performer:
                     return
                 for decision in decisions:
                     if isinstance(decision, d.RequestChunks):
-                        self._request(job, puller, decision.restart, transfer.received)
+                        await self._request(job, puller, decision.restart, transfer.received)
                 event.clear()
-                if await wait_event(event, min(interval, max(0.01, m.expires - now))):
+                # the rate cap may hold the next request back: wake up for it, not only for chunks
+                pace = puller.wait_s(time.monotonic())
+                quiet_in = interval - (time.monotonic() - last_chunk)
+                timeout = min(quiet_in, pace) if pace > 0 else quiet_in
+                if await wait_event(event, min(max(0.01, timeout), max(0.01, m.expires - now))):
                     interval, unanswered = cfg.request_interval_s, 0
+                    last_chunk = time.monotonic()
                     self._progress(job, transfer)
                     continue
                 if transfer.complete:
                     break
+                if time.monotonic() - last_chunk < interval and time.time() < m.expires:
+                    continue  # woken by the pacer, not by silence
+                last_chunk = time.monotonic()
                 quiet = d.ChunksQuiet(comp.router.connected, unanswered, cfg.max_requests,
                                       cfg.request_interval_s)
                 decisions = d.decide(self.facts(job), quiet)
@@ -141,7 +152,7 @@ class Performer:
                 for decision in decisions:
                     if isinstance(decision, d.RequestChunks):
                         unanswered += 1
-                        self._request(job, puller, decision.restart, transfer.received)
+                        await self._request(job, puller, decision.restart, transfer.received)
                         interval = decision.wait_s or interval
         finally:
             comp.transfers.pop(job.job, None)
@@ -160,15 +171,19 @@ class Performer:
                 problem = exc.reason
             await self._apply(job, d.decide(self.facts(job), d.Staged(problem)))
 
-    def _request(self, job: Job, puller: Puller, restart: bool, received: int) -> None:
-        missing = puller.ask(restart=restart)
+    async def _request(self, job: Job, puller: Puller, restart: bool, received: int) -> None:
+        """Ask for the next chunks: straight through the session when connected (a request is
+        worth nothing once stale, and the spool's round trip would stall the window), else spooled."""
+        missing = puller.ask(restart=restart, now=time.monotonic())
         if not missing:
             return
         if restart:
             log.info("asking for chunks", extra={"kv": {"job": job.job, "received": received,
                                                         "first": missing[0][0]}})
         topic = self.comp.live.topics.job_request(job.job)
-        self.comp.outbox.put_message(topic, job_request(job.job, missing))
+        payload = job_request(job.job, missing)
+        if not await self.comp.send_now(topic, payload):
+            self.comp.outbox.put_message(topic, payload)
         log.debug("requested chunks", extra={"kv": {"job": job.job, "ranges": len(missing)}})
 
     def _progress(self, job: Job, transfer: Transfer) -> None:

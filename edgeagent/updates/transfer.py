@@ -2,7 +2,10 @@
 
 The bitmap on disk only ever claims chunks that were fsynced into the partial file before it was
 written (atomically), so after a crash a chunk is at worst received twice, never assumed present.
-Memory stays bounded: one chunk at a time, the final sha256 is streamed from disk.
+Memory stays bounded: one chunk at a time. The whole-file sha256 is updated as chunks are written
+(on the updates writer thread), in index order: a chunk that arrives before its predecessors is
+hashed from disk once they are there, so `finish` needs no second pass over the file unless the
+transfer resumed after a restart (then it streams the file from disk as before).
 All methods block (file I/O): call them off the event loop.
 """
 
@@ -38,6 +41,8 @@ class Transfer:
         self._last_persist = 0.0
         self._fd: int | None = None
         self.duplicates = 0
+        self._hash = hashlib.sha256()  # over chunks [0, _hashed) of the file, in order
+        self._hashed = 0
 
     # -- lifecycle
     @property
@@ -101,9 +106,31 @@ class Transfer:
             self._have[index] = 1
             self._count += 1
             self._dirty = True
+            self._advance_hash(index, data)
             if self.complete or time.monotonic() - self._last_persist >= self.persist_every_s:
                 self.persist(force=True)
             return True
+
+    @property
+    def dirty(self) -> bool:
+        """Chunks on disk that the bitmap file does not claim yet."""
+        return self._dirty
+
+    def flush(self) -> None:
+        """Persist what was written since the last persist (the tail of a burst would otherwise
+        wait for the next chunk)."""
+        with self._lock:
+            if self._fd is not None and self._dirty:
+                self.persist(force=True)
+
+    def _advance_hash(self, index: int, data: bytes) -> None:
+        """Extend the running sha256 over every chunk now contiguous from the start (under _lock)."""
+        assert self._fd is not None
+        while self._hashed < self.m.chunks and self._have[self._hashed]:
+            i = self._hashed
+            self._hash.update(data if i == index else
+                              os.pread(self._fd, self.m.chunk_len(i), i * self.m.chunk_size))
+            self._hashed += 1
 
     def persist(self, force: bool = False) -> None:
         """fsync the data, then atomically record which chunks it holds."""
@@ -170,13 +197,14 @@ class Transfer:
     def finish(self) -> str:
         """Stream the sha256 from disk; on a match rename the part to `artifact`. Returns the digest."""
         with self._lock:
+            running = self._hash.hexdigest() if self._hashed == self.m.chunks else None
             if self._fd is not None:
                 self.persist(force=True)
                 os.close(self._fd)
                 self._fd = None
         if not self.part_path.exists() and self.artifact_path.exists():
             return sha256_file(self.artifact_path)  # renamed before a crash: check again
-        digest = sha256_file(self.part_path)
+        digest = running if running is not None else sha256_file(self.part_path)
         if digest == self.m.sha256:
             os.replace(self.part_path, self.artifact_path)
             fsync_dir(self.artifact_path.parent)  # durable before the job says "verified"
@@ -192,29 +220,51 @@ def disk_free_bytes(path: Path) -> int:
 
 class Puller:
     """Flow control of one transfer (pull, as in AWS OTA): keep at most `window` requested chunks
-    outstanding, top up when half of them arrived, and start over from the first gap when the
-    sender goes quiet. Memory in the MQTT receive path stays bounded by the window."""
+    outstanding and top up as soon as a quarter of them arrived (a sliding window: the sender never
+    waits for a round trip while the window is open); start over from the first gap when the
+    sender goes quiet. Memory in the MQTT receive path stays bounded by the window.
 
-    def __init__(self, transfer: Transfer, window: int) -> None:
+    With `rate_bytes_s` > 0 the chunks asked for are paced (token bucket, no burst beyond one
+    request) so that the download averages at most that rate."""
+
+    def __init__(self, transfer: Transfer, window: int, rate_bytes_s: float = 0.0, now: float = 0.0) -> None:
         self.t = transfer
         self.window = window
         self.asked_upto = -1
         self.pending: set[int] = set()
+        self.rate_bytes_s = rate_bytes_s
+        self._next_s = now  # pacing: when the next chunk may be asked for
+        if rate_bytes_s > 0:
+            # one request every ~0.1 s at the cap: small steps keep the average close to it
+            self.window = max(1, min(window, int(rate_bytes_s * 0.1) // transfer.m.chunk_size or 1))
 
     def outstanding(self) -> int:
         self.pending = {i for i in self.pending if not self.t.has(i)}
         return len(self.pending)
 
-    def due(self) -> bool:
-        return self.outstanding() <= self.window // 2 and self.asked_upto < self.t.m.chunks - 1
+    def due(self, now: float = 0.0) -> bool:
+        return (self.outstanding() <= self.window * 3 // 4 and self.asked_upto < self.t.m.chunks - 1
+                and self.wait_s(now) == 0.0)
 
-    def ask(self, restart: bool = False) -> list[tuple[int, int]]:
+    def wait_s(self, now: float) -> float:
+        """How long the rate cap holds the next request back (0: it may go now)."""
+        return max(0.0, self._next_s - now) if self.rate_bytes_s > 0 else 0.0
+
+    def ask(self, restart: bool = False, now: float = 0.0) -> list[tuple[int, int]]:
         if restart:
             self.asked_upto, self.pending = -1, set()
+        if self.wait_s(now) > 0:
+            return []
         room = self.window - self.outstanding()
         ranges = self.t.missing_after(self.asked_upto, room) if room > 0 else []
         if ranges:
             self.asked_upto = ranges[-1][1]
+            count = 0
             for a, b in ranges:
                 self.pending.update(range(a, b + 1))
+                count += b - a + 1
+            if self.rate_bytes_s > 0:
+                # a token bucket holding one window: a late wake-up is made up for, not lost
+                per_chunk_s = self.t.m.chunk_size / self.rate_bytes_s
+                self._next_s = max(now - self.window * per_chunk_s, self._next_s) + count * per_chunk_s
         return ranges
