@@ -7,7 +7,7 @@ from pathlib import Path
 
 from edgeagent.core import protocol
 from edgeagent.ops.fleet.state import FleetState, Thresholds
-from edgeagent.ops.fleet.store import Store
+from edgeagent.ops.fleet.store_sqlite import Store
 from edgeagent.ops.fleet.watch import device_row, plain_table, table
 
 T0 = 1_800_000_000.0
