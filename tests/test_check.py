@@ -4,9 +4,11 @@ parses; `--static` stays offline; `check-config` runs the file checks too. Real 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -320,7 +322,7 @@ def test_a_clock_before_the_release_fails() -> None:
 
 
 def test_source_kinds_are_a_table_and_an_unknown_kind_warns(tmp_path: Path, broker: Broker) -> None:
-    assert set(SOURCE_CHECKS) >= {"simulated", "csv", "mqtt"}
+    assert set(SOURCE_CHECKS) >= {"simulated", "csv", "mqtt", "serial", "modbus", "iio"}
     csv = write_config(tmp_path, None,
                        f'[sensors]\nsource = "csv"\n[sensors.csv]\npath = "{tmp_path / "x.csv"}"\n')
     (c,) = source_checks(cfgmod.load(csv), 5.0)
@@ -330,8 +332,9 @@ def test_source_kinds_are_a_table_and_an_unknown_kind_warns(tmp_path: Path, brok
     assert [c.status for c in checks] == ["ok", "ok", "ok"]
     assert "subscribed to sensors/vibration" in checks[-1].reason
 
-    (c,) = source_checks(cfgmod.load(csv), 5.0, [("sources.bus", "modbus")])  # a kind with no check yet
-    assert c.status == "warn" and "modbus" in c.reason
+    odd = dataclasses.replace(cfgmod.load(csv).sensors, source="can")  # type: ignore[arg-type]
+    (c,) = source_checks(cfgmod.load(csv), 5.0, [("sources.bus", odd)])  # a kind with no check
+    assert c.status == "warn" and "can" in c.reason
 
 
 def test_the_installer_helper_is_required_where_configured(tmp_path: Path) -> None:
@@ -360,3 +363,45 @@ def test_a_name_that_does_not_resolve_fails_at_the_host_step() -> None:
 
     (c,) = reach(Endpoint("no-such-host.invalid", 1883), 5.0, "mqtt")  # .invalid never resolves (RFC 2606)
     assert c.status == "FAIL" and c.name == "mqtt.host" and "does not resolve" in c.reason
+
+
+def test_bus_sources_are_checked_per_kind_and_every_pipeline_is_checked(tmp_path: Path) -> None:
+    """serial: the device opens (a pty stands in); modbus TCP: a closed port fails; iio: a sysfs-shaped
+    tree reads, an empty root fails; with [[pipelines]] each pipeline's source gets its own line."""
+    master, slave = os.openpty()
+    try:
+        tty = os.ttyname(slave)
+        serial = write_config(tmp_path, None,
+                              f'[sensors]\nsource = "serial"\n[sensors.serial]\ndevice = "{tty}"\n')
+        (c,) = source_checks(cfgmod.load(serial), 5.0)
+        assert c.status == "ok" and tty in c.reason
+    finally:
+        os.close(master)
+        os.close(slave)
+    missing = tmp_path / "ttyUSB9"
+    gone = write_config(tmp_path, None,
+                        f'[sensors]\nsource = "serial"\n[sensors.serial]\ndevice = "{missing}"\n')
+    (c,) = source_checks(cfgmod.load(gone), 5.0)
+    assert c.status == "FAIL" and "ttyUSB9" in c.reason and "dialout" in c.fix
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    modbus = write_config(tmp_path, None, f'[sensors]\nsource = "modbus"\n[sensors.modbus]\nport = {closed}\n'
+                          '[[sensors.modbus.registers]]\nname = "t"\naddress = 0\n')
+    assert source_checks(cfgmod.load(modbus), 5.0)[-1].status == "FAIL"
+    dev = tmp_path / "iio" / "iio:device0"
+    dev.mkdir(parents=True)
+    (dev / "name").write_text("adxl345\n")
+    (dev / "in_accel_x_raw").write_text("12\n")
+    iio = write_config(tmp_path, None,
+                       f'[sensors]\nsource = "iio"\n[sensors.iio]\nroot = "{tmp_path / "iio"}"\n'
+                       'device = "adxl345"\n')
+    (c,) = source_checks(cfgmod.load(iio), 5.0)
+    assert c.status == "ok" and "iio:device0" in c.reason
+    empty = write_config(tmp_path, None, f'[sensors]\nsource = "iio"\n[sensors.iio]\nroot = "{tmp_path}"\n'
+                         'device = "adxl345"\n')
+    (c,) = source_checks(cfgmod.load(empty), 5.0)
+    assert c.status == "FAIL" and "adxl345" in c.reason
+    multi = cfgmod.load(Path(__file__).resolve().parent.parent / "configs/examples/multi.toml")
+    names = [c.name for c in source_checks(multi, 5.0)]
+    assert names == [f"pipelines.{p.name}.source" for p in multi.pipelines] and len(names) == 2

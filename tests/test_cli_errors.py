@@ -203,7 +203,7 @@ def test_the_offline_operator_verbs_end_quietly_when_the_reader_leaves(tmp_path:
     log on stderr; push, pull, log-level, collect and simulate need a broker: their output is
     line-at-a-time progress, and the bad-flag test above covers their arguments.)"""
     from edgeagent.inference.store import SHIPPED_DIR
-    from edgeagent.ops.fleet.store import Store
+    from edgeagent.ops.fleet.store_sqlite import Store
 
     keys = tmp_path / "keys"
     keys.mkdir()
