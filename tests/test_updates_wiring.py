@@ -42,14 +42,15 @@ def test_subscriptions_sections_and_a_model_job_without_installer(tmp_path: Path
                 assert [j["job"] for j in comp.section()["jobs"]] == ["noinst"]
                 for i in range(0, len(data), 8192):
                     await handler(f"edge/dev1/updates/noinst/chunk/{i // 8192}", data[i:i + 8192])
-                await async_wait_until(lambda: comp.journal.jobs["noinst"].final, 10, message="final")
+                await async_wait_until(lambda: comp.journal.jobs["noinst"].final, 30, message="final")
                 job = comp.journal.jobs["noinst"]
                 assert (job.state, job.reason) == ("failed", "no model installer (inference is disabled)")
                 assert [s for s, _ in job.history] == ["received", "downloading", "verified", "installing",
                                                       "failed"]
                 # the journal says final before the retained status is put: wait for that too
                 status = live.topics.job_status("noinst")
-                await async_wait_until(lambda: outbox.states[status]["state"] == "failed", 10)
+                await async_wait_until(lambda: outbox.states[status]["state"] == "failed", 30,
+                                       message="retained status failed")
                 assert comp.section()["jobs"] == []
             finally:
                 await cancel_and_wait(runner)
