@@ -309,6 +309,8 @@ class Agent:
 
 async def run_agent(config: Config, components: ComponentFactory = default_components,
                     install_signals: bool = True, *, effective: EffectiveConfig | None = None) -> int:
+    from edgeagent.looplag import bound_heap
+    bound_heap()
     agent = Agent(config, components, effective=effective)
     if install_signals:
         agent.install_signal_handlers()

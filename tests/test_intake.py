@@ -17,8 +17,8 @@ from tests.util import async_wait_until
 def test_packet_limit_follows_the_chunk_cap_and_never_cuts_a_manifest() -> None:
     assert intake.max_packet_bytes(1024) == 1024 * 1024 + intake.HEADROOM_BYTES  # default: 1 MiB chunks
     assert intake.max_packet_bytes(4) == 1024 * 1024 + intake.HEADROOM_BYTES  # manifests, desired config
-    assert intake.receive_maximum(intake.max_packet_bytes(1024)) == 7  # 7 x 1 MiB in flight at most
-    assert intake.receive_maximum(intake.max_packet_bytes(64)) == 7  # 8 MiB in flight, 1 MiB packets
+    assert intake.receive_maximum(intake.max_packet_bytes(1024)) == 3  # 3 x 1 MiB in flight at most
+    assert intake.receive_maximum(intake.max_packet_bytes(64)) == 3  # 4 MiB in flight, 1 MiB packets
     assert intake.receive_maximum(intake.max_packet_bytes(262_144)) == intake.RECEIVE_MAXIMUM_MIN
 
 

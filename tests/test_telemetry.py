@@ -42,6 +42,8 @@ def test_samples_flow_into_the_spool_and_the_last_one_is_written_at_exit(tmp_pat
                 assert w.sections.snapshot()["telemetry"]["samples"] == tel.samples
                 before = tel.samples
             assert tel.samples == before + 1  # exit flushed one more
+            assert transport.outbox is not None
+            assert await asyncio.to_thread(transport.outbox.flush)  # the spool writer thread has it
             rows = await asyncio.to_thread(spool.fetch, 0, None, 1000)
             samples = [json.loads(r.payload) for r in rows]
             assert [s["seq"] for s in samples] == list(range(1, tel.samples + 1))

@@ -388,7 +388,7 @@ def test_handler_queue_is_bounded_in_bytes_dropping_the_oldest() -> None:
             raise AssertionError("not started: nothing is handled in this test")
 
         router.subscribe("edge/dev1/updates/+/#", handler)
-        chunk = b"x" * (3 << 20)
+        chunk = b"x" * (HANDLER_QUEUE_MAX_BYTES * 3 // 8)  # two fit, a third does not
         for i in range(5):
             assert router.dispatch(f"edge/dev1/updates/j/chunk/{i}", chunk) == 1
         sub = router.subscriptions[0]

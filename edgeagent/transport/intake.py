@@ -43,8 +43,9 @@ HEADROOM_BYTES = 16 * KIB
 # the largest non-chunk message we accept: a signed manifest (updates.inputs.MAX_MANIFEST_BYTES,
 # 1 MiB: one sha256 per chunk) or a desired config (remote_config.MAX_PAYLOAD_BYTES, 256 KiB)
 MIN_PAYLOAD_BYTES = 1024 * KIB
-# the bytes the broker may have in flight to us at once (ReceiveMaximum x MaximumPacketSize)
-INFLIGHT_BUDGET_BYTES = 8 << 20
+# the bytes the broker may have in flight to us at once (ReceiveMaximum x MaximumPacketSize); with
+# the router's per-handler cap it bounds the payloads held under a flood (#21: RSS growth < 20 MiB)
+INFLIGHT_BUDGET_BYTES = 4 << 20
 RECEIVE_MAXIMUM_MIN = 2
 RECEIVE_MAXIMUM_MAX = 64
 QOS0_MAX_MESSAGES = 16  # our own pings; anything else at QoS 0 is not a command

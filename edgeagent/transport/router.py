@@ -26,7 +26,7 @@ HANDLER_QUEUE_MAX = 1024
 # bytes waiting per handler: update chunks for a whole group (other devices' requests too) must
 # not pile up in RAM while the handler is busy writing; past this the oldest are dropped (and the
 # updates component asks again for what it misses)
-HANDLER_QUEUE_MAX_BYTES = 8 << 20
+HANDLER_QUEUE_MAX_BYTES = 4 << 20  # twice the default update request window (2 MiB)
 
 
 @dataclass
