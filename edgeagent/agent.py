@@ -309,7 +309,7 @@ class Agent:
 
 async def run_agent(config: Config, components: ComponentFactory = default_components,
                     install_signals: bool = True, *, effective: EffectiveConfig | None = None) -> int:
-    from edgeagent.looplag import bound_heap
+    from edgeagent.core.heap import bound_heap
     bound_heap()
     agent = Agent(config, components, effective=effective)
     if install_signals:

@@ -7,26 +7,21 @@ lag stays above `WARN_MS` for `WARN_FOR_S` (once, until it recovers).
 
 Once the agent has settled (`SETTLE_AFTER_S`), the objects made at start are moved out of the
 garbage collector's reach (`gc.freeze`: full collections then scan far fewer objects, a tail-latency
-source) and freed heap pages go back to the kernel (`malloc_trim`, glibc only). From the start,
-glibc's mmap threshold is pinned (`bound_heap`), so that large payloads (update chunks, manifests,
-up to 1 MiB each) are mapped and unmapped on their own instead of fragmenting the heap: without it a
-flood of 1 MiB messages left 14-25 MiB of RSS behind, with it 13-14 MiB (tests/test_intake_flood.py).
+source) and freed heap pages go back to the kernel (`core.heap.trim`, glibc only).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import gc
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+from edgeagent.core import heap
 from edgeagent.core.live import Outbox
 
 log = logging.getLogger(__name__)
@@ -86,36 +81,11 @@ class LagTracker:
                 "lagging": self._above_since is not None}
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter; setting it switches the dynamic threshold off
-MMAP_THRESHOLD_BYTES = 128 << 10  # glibc's initial value, kept fixed
-
-
-def _libc(symbol: str) -> Callable[..., int] | None:
-    """A glibc function, or None on another libc (musl has neither mallopt nor malloc_trim)."""
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), symbol, None) if name else None
-    except OSError:
-        return None
-
-
-def bound_heap() -> None:
-    """At start: allocations over 128 KiB always get their own mapping, given back when freed.
-
-    glibc raises the threshold to the size of each mapped block freed (up to 32 MiB), after which
-    1 MiB payloads come from the heap and their freed pages stay resident."""
-    mallopt = _libc("mallopt")
-    if mallopt is not None:
-        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-
-
 def settle() -> None:
     """After start: freeze what exists (gc) and give freed heap pages back (glibc malloc_trim)."""
     gc.collect()
     gc.freeze()
-    trim = _libc("malloc_trim")
-    if trim is not None:
-        trim(0)
+    heap.trim()
 
 
 class LoopLagComponent:
