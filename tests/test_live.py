@@ -41,7 +41,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.filters: list[str] = []
 
-    def subscribe(self, topic_filter: str, handler: object) -> None:
+    def subscribe(self, topic_filter: str, handler: object, express: object = None) -> None:
         self.filters.append(topic_filter)
 
     @property

@@ -36,7 +36,7 @@ class LinkRouter:
         self.handlers: dict[str, Handler] = {}
         self.up = True
 
-    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+    def subscribe(self, topic_filter: str, handler: Handler, express: object = None) -> None:
         self.handlers[topic_filter] = handler
 
     @property

@@ -88,8 +88,8 @@ class OnlineRouter:
     def __init__(self) -> None:
         self.subscriptions: list[tuple[str, Handler]] = []
 
-    def subscribe(self, topic_filter: str, handler: Handler) -> None:
-        self.subscriptions.append((topic_filter, handler))
+    def subscribe(self, topic_filter: str, handler: Handler, express: object = None) -> None:
+        self.subscriptions.append((topic_filter, handler))  # the queued way only: chunks reach on_chunk
 
     async def wait_connected(self) -> None:
         return None

@@ -22,7 +22,7 @@ def test_subscriptions_sections_and_a_model_job_without_installer(tmp_path: Path
         live, metrics, outbox, router = LiveConfig(cfg), Metrics(), MemoryOutbox(), RouterRelay()
         comp = UpdatesComponent(live, metrics, outbox, router, None)
         async with comp:
-            assert [f for f, _ in router.subscriptions] == [live.topics.updates_filter,
+            assert [f for f, _, _ in router.subscriptions] == [live.topics.updates_filter,
                                                             live.topics.group_updates_filter("line1")]
             handler = router.subscriptions[0][1]
             assert comp.section() == {"jobs": [], "dropped_chunks": 0, "rejected_chunks": 0, "refused": {}}

@@ -27,6 +27,8 @@ from edgeagent.core.tasks import wait_event
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], Awaitable[None]]
+# offered a message as soon as it is read, on the loop: True means it took it (no queue, no task)
+Express = Callable[[str, bytes], bool]
 Section = Callable[[], dict[str, Any]]
 
 
@@ -167,9 +169,14 @@ class OutboxRelay:
 class Router(Protocol):
     """Subscriptions for the capabilities that receive commands (updates, remote config)."""
 
-    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+    def subscribe(self, topic_filter: str, handler: Handler, express: Express | None = None) -> None:
         """Register `handler(topic, payload)` for a filter; kept across reconnects. The handler
-        runs on the event loop; it must not block and should not raise (errors are logged)."""
+        runs on the event loop; it must not block and should not raise (errors are logged).
+
+        `express(topic, payload)`, when given, is offered each matching message first, as it is
+        read and before any queue: True means it took the message and the handler never sees it.
+        It must not block or await. Update chunks take it: a thousand a second, each would
+        otherwise cost a queue hop and a task wake-up."""
 
     @property
     def connected(self) -> bool: ...
@@ -182,20 +189,20 @@ class RouterRelay:
     router when it attaches; with no broker configured nothing ever arrives (offline is normal)."""
 
     def __init__(self) -> None:
-        self.subscriptions: list[tuple[str, Handler]] = []
+        self.subscriptions: list[tuple[str, Handler, Express | None]] = []
         self.target: Router | None = None
         self._attached = asyncio.Event()
 
     def attach(self, router: Router) -> None:
         self.target = router
-        for topic_filter, handler in self.subscriptions:
-            router.subscribe(topic_filter, handler)
+        for topic_filter, handler, express in self.subscriptions:
+            router.subscribe(topic_filter, handler, express)
         self._attached.set()
 
-    def subscribe(self, topic_filter: str, handler: Handler) -> None:
-        self.subscriptions.append((topic_filter, handler))
+    def subscribe(self, topic_filter: str, handler: Handler, express: Express | None = None) -> None:
+        self.subscriptions.append((topic_filter, handler, express))
         if self.target is not None:
-            self.target.subscribe(topic_filter, handler)
+            self.target.subscribe(topic_filter, handler, express)
 
     @property
     def connected(self) -> bool:

@@ -17,6 +17,10 @@ Three bounds, outermost first:
    (`IntakeStats.dropped`, the mqtt section's `dropped_incoming`) and acknowledged (so it does not
    hold an in-flight slot forever).
 
+A message that passes is offered to the router's express lane first (`express`, update chunks):
+taken there, it is acknowledged at once and never queued; the taker keeps its own byte bound and
+declines when it is full, and the message then waits in the queue like any other.
+
 What a drop costs: a chunk is re-requested by the transfer, a manifest is re-sent by the pushing
 operator (or its next push), a desired config is retained and comes again on the next connect.
 """
@@ -28,6 +32,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from edgeagent.core.live import Express
 from edgeagent.core.logs import Once
 
 if TYPE_CHECKING:
@@ -72,6 +77,7 @@ class IntakeStats:
     dropped_bytes: int = 0
     queued: int = 0  # waiting in aiomqtt's queue for the receive loop
     queued_bytes: int = 0
+    express: int = 0  # taken by the router's express lane as read
 
 
 class Intake:
@@ -79,7 +85,7 @@ class Intake:
     QoS 1 messages when the receive loop has handed them on (`done`)."""
 
     def __init__(self, client: aiomqtt.Client, max_packet: int, receive_max: int, once: Once,
-                 stats: IntakeStats | None = None) -> None:
+                 stats: IntakeStats | None = None, express: Express | None = None) -> None:
         self.max_packet = max_packet
         self.receive_max = receive_max
         self.stats = stats if stats is not None else IntakeStats()
@@ -88,6 +94,7 @@ class Intake:
         self._paho: paho_client.Client = client._client
         self._queue: asyncio.Queue[Any] = client._queue
         self._forward = self._paho.on_message
+        self._express = express
         self._paho.manual_ack_set(True)
         self._paho.on_message = self._on_message
         self.stats.queued = self.stats.queued_bytes = 0
@@ -117,6 +124,12 @@ class Intake:
             self.stats.dropped_bytes += size
             self._once.warning(f"intake:{problem[:12]}", "incoming message dropped: %s", problem,
                                extra={"kv": {"dropped": self.stats.dropped}})
+            self._ack(message.mid, message.qos)
+            return
+        payload = message.payload
+        if self._express is not None and self._express(
+                message.topic, payload if isinstance(payload, bytes) else bytes(payload)):
+            self.stats.express += 1
             self._ack(message.mid, message.qos)
             return
         self.stats.queued += 1

@@ -4,7 +4,8 @@ Each subscription has its own queue and worker task, bounded in messages and byt
 `put`s each message and waits while a matching queue is full: it then stops reading, does not
 acknowledge, and the broker holds the rest (transport.intake). `dispatch` is the non-waiting form:
 it drops the oldest waiting message and counts it (the protocol recovers: chunks are re-requested,
-desired config is retained).
+desired config is retained). `take` is the express lane: the intake offers each message to the
+subscriptions' express takers as paho reads it, before any queue (update chunks).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 
 from paho.mqtt.client import topic_matches_sub
 
-from edgeagent.core.live import Handler
+from edgeagent.core.live import Express, Handler
 from edgeagent.core.logs import Once
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,21 @@ class Subscription:
     queued_bytes: int = 0
     task: asyncio.Task[None] | None = None
     room: asyncio.Event = field(default_factory=asyncio.Event)  # set when the worker took one
+    express: Express | None = None
+
+    def __post_init__(self) -> None:
+        self._prefix = _literal_prefix(self.topic_filter)
+
+    def matches(self, topic: str) -> bool:
+        """Filters "a/b/#" and "a/b/+/#" are a prefix test (the express lane asks for every message)."""
+        if self._prefix is not None:
+            return topic.startswith(self._prefix) or (
+                self.topic_filter.endswith("/#") and topic == self._prefix[:-1]
+                and not self.topic_filter.endswith("/+/#"))
+        try:
+            return topic_matches_sub(self.topic_filter, topic)
+        except (ValueError, TypeError):  # paho refuses some hostile topics outright
+            return False
 
     def fits(self, size: int) -> bool:
         """One message always fits an empty queue (a chunk may be up to the packet limit)."""
@@ -51,20 +67,32 @@ class Subscription:
         self.queued_bytes += len(payload)
 
 
+def _literal_prefix(topic_filter: str) -> str | None:
+    """"a/b/" for "a/b/#" or "a/b/+/#" (every topic under it matches); None for other filters."""
+    for tail in ("/+/#", "/#"):
+        head = topic_filter[: -len(tail)]
+        if topic_filter.endswith(tail) and head and "+" not in head and "#" not in head:
+            return head + "/"
+    return None
+
+
 class SessionRouter:
     """The agent's `Router` while a broker is configured; the session subscribes what it holds."""
 
     def __init__(self) -> None:
         self.subscriptions: list[Subscription] = []
+        self._express: list[Subscription] = []
         self._connected = asyncio.Event()
         self._new_filter = asyncio.Event()  # the session subscribes new filters while connected
         self._running = False
         self.active: set[str] = set()  # filters the broker acknowledged on this connection
 
     # -- Router protocol
-    def subscribe(self, topic_filter: str, handler: Handler) -> None:
-        sub = Subscription(topic_filter, handler)
+    def subscribe(self, topic_filter: str, handler: Handler, express: Express | None = None) -> None:
+        sub = Subscription(topic_filter, handler, express=express)
         self.subscriptions.append(sub)
+        if express is not None:
+            self._express.append(sub)
         if self._running:
             self._start_worker(sub)
         self._new_filter.set()
@@ -93,10 +121,22 @@ class SessionRouter:
         self._new_filter.clear()
 
     def _matching(self, topic: str) -> list[Subscription]:
-        try:
-            return [s for s in self.subscriptions if topic_matches_sub(s.topic_filter, topic)]
-        except (ValueError, TypeError):  # paho refuses some hostile topics outright
-            return []
+        return [s for s in self.subscriptions if s.matches(topic)]
+
+    def take(self, topic: str, payload: bytes) -> bool:
+        """The express lane, called as the message is read: True if an express taker of a matching
+        subscription took it (then it is not queued). A taker that raises is counted and logged,
+        and the message goes the queued way."""
+        for sub in self._express:
+            if sub.express is not None and sub.matches(topic):
+                try:
+                    if sub.express(topic, payload):
+                        return True
+                except Exception:
+                    sub.errors += 1
+                    log.exception("express handler failed", extra={"kv": {"filter": sub.topic_filter,
+                                                                           "topic": topic}})
+        return False
 
     async def put(self, topic: str, payload: bytes) -> int:
         """Queue the message for every matching handler, waiting while a queue is full (the

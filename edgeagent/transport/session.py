@@ -31,6 +31,7 @@ from edgeagent.core.errors import EdgeAgentError
 from edgeagent.core.logs import Once
 from edgeagent.core.protocol import Topics, dumps, status_offline
 from edgeagent.core.tasks import wait_event
+from edgeagent.transport import paho_io
 from edgeagent.transport.intake import Intake, IntakeStats, max_packet_bytes, receive_maximum
 from edgeagent.transport.negotiate import ProtocolChoice
 from edgeagent.transport.outbox import SpoolOutbox
@@ -142,6 +143,7 @@ class Session:
                 "refused": self.refused, "failed_connects": self.failed_connects,
                 "published_messages": self.stats.messages, "published_samples": self.stats.samples,
                 "received_messages": self.intake.received, "dropped_incoming": self.intake.dropped,
+                "express_incoming": self.intake.express,
                 "protocol": self._choice.negotiated if self._choice is not None else None}
 
     async def publish_now(self, topic: str, payload: bytes, timeout_s: float = 30.0) -> None:
@@ -307,9 +309,10 @@ class Session:
             tls_insecure=True if (m.tls.enabled and m.tls.insecure_skip_verify) else None,
             max_inflight_messages=20, max_queued_incoming_messages=Intake.queue_size(receive_max),
             **kwargs)
-        self._intake = Intake(client, max_packet, receive_max, self._once, self.intake)
+        self._intake = Intake(client, max_packet, receive_max, self._once, self.intake, self.router.take)
         client.pending_calls_threshold = 10_000  # our window bounds in-flight calls; no warning spam
         paho = client._client
+        paho_io.install(paho, asyncio.get_running_loop())
         on_publish = paho.on_publish
 
         def refused(*args: Any) -> None:

@@ -148,9 +148,10 @@ class UpdatesComponent:
         if not cfg.trusted_keys:
             self.keys_error = "no trusted keys configured (updates.trusted_keys)"
         self.metrics.subscribe(self._on_metrics)
-        self.router.subscribe(self.live.topics.updates_filter, self.inputs.on_message)
+        self.router.subscribe(self.live.topics.updates_filter, self.inputs.on_message, self.inputs.take)
         for group in self.live.config.device.groups:
-            self.router.subscribe(self.live.topics.group_updates_filter(group), self.inputs.on_message)
+            self.router.subscribe(self.live.topics.group_updates_filter(group), self.inputs.on_message,
+                                  self.inputs.take)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import re
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from edgeagent.core import audience, protocol
@@ -16,6 +14,7 @@ from edgeagent.updates import decide as d
 from edgeagent.updates import manifest
 from edgeagent.updates.jobs import Job, JobFacts
 from edgeagent.updates.transfer import Transfer
+from edgeagent.updates.writer import ChunkWriter
 
 if TYPE_CHECKING:
     from edgeagent.updates.component import UpdatesComponent
@@ -41,18 +40,14 @@ class Inputs:
         # the device topic and each group topic have their own worker: one manifest at a time, so
         # the same job id cannot be accepted twice (or twice differently)
         self._manifest_lock = asyncio.Lock()
-        # chunk writes on one thread of our own: in order, and one malloc arena instead of one per
-        # default-executor thread (which would keep freed chunk buffers as RSS)
-        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="updates-io")
-        self._writing: list[tuple[Future[bool], int]] = []  # (write, bytes) not finished, in order
-        self._writing_bytes = 0
+        self.writer = ChunkWriter()  # chunk writes, off the loop, in order
         self._flush_timers: dict[str, asyncio.TimerHandle] = {}
 
     def close(self) -> None:
         for timer in self._flush_timers.values():
             timer.cancel()
         self._flush_timers.clear()
-        self.io.shutdown(wait=False)
+        self.writer.close()
 
     def refuse(self, key: str, message: str, data: dict[str, object] | None = None) -> None:
         """A refused message that belongs to no job: counted, one event per `key` per window."""
@@ -154,47 +149,63 @@ class Inputs:
                     comp.start(job)
 
     # ------------------------------------------------------------------ chunks
+    def take(self, topic: str, payload: bytes) -> bool:
+        """The router's express lane: a chunk goes to the writer thread as paho reads it (no queue,
+        no task wake-up per chunk). Declines anything but a chunk, and a chunk while the writer's
+        backlog is full: that one waits in the queue and reaches `on_chunk`."""
+        parts = self.split_topic(topic)
+        if parts is None or not parts[1].startswith("chunk/"):
+            return False
+        if self._full(len(payload)):
+            return False
+        transfer = self._transfer_for(parts[0], parts[1][6:])
+        if transfer is not None:
+            self._submit(parts[0], transfer, int(parts[1][6:]), payload)
+        return True
+
     async def on_chunk(self, job_id: str, index_text: str, data: bytes) -> None:
         """Write a chunk of a running transfer; anything else is dropped and counted. A chunk that
         fails its check never reaches the disk and stays missing, so it is asked for again and the
         genuine one is taken when it comes."""
+        transfer = self._transfer_for(job_id, index_text)
+        if transfer is None:
+            return
+        # hand the chunk to the writer thread (validate, pwrite, running sha256) without waiting for
+        # it: the next chunk is read meanwhile; only a backlog past the byte bound makes us wait
+        while self._full(len(data)):
+            await self.writer.progress()
+        self._submit(job_id, transfer, int(index_text), data)
+
+    def _transfer_for(self, job_id: str, index_text: str) -> Transfer | None:
+        """The running transfer a chunk belongs to; None (counted, maybe refused) for anything else."""
         if not CHUNK_INDEX_RE.fullmatch(index_text):
             self.rejected_chunks += 1
             self.refuse("chunk-topic", f"chunk index {index_text[:40]!r} of job {job_id} is not a number "
                                        f"(1-9 ASCII digits)", {"job": job_id})
-            return
+            return None
         transfer = self.comp.transfers.get(job_id)
         if transfer is None:
             self.dropped_chunks += 1
             if job_id not in self.comp.journal.jobs:  # a known job's: other devices' requests, late
                 self.refuse("orphan-chunk", f"chunk for unknown job {job_id}", {"job": job_id})
-            return
-        # hand the chunk to the writer thread (validate, pwrite, running sha256) without waiting for
-        # it: the next chunk is read meanwhile; only a backlog past the byte bound makes us wait
-        while self._writing and self._writing_bytes + len(data) > MAX_WRITE_BACKLOG_BYTES:
-            await asyncio.wait([asyncio.wrap_future(self._writing[0][0])])
-            self._reap()
-        loop = asyncio.get_running_loop()
-        fut = self.io.submit(transfer.write, int(index_text), data)
-        self._writing.append((fut, len(data)))
-        self._writing_bytes += len(data)
-        fut.add_done_callback(lambda f: _call_soon(loop, self._written, job_id, f))
+        return transfer
 
-    def _reap(self) -> None:
-        while self._writing and self._writing[0][0].done():
-            self._writing_bytes -= self._writing.pop(0)[1]
+    def _full(self, size: int) -> bool:
+        """The writer's backlog has no room for `size` more bytes (one chunk always fits)."""
+        return self.writer.backlog > 0 and self.writer.backlog_bytes + size > MAX_WRITE_BACKLOG_BYTES
 
-    def _written(self, job_id: str, fut: Future[bool]) -> None:
+    def _submit(self, job_id: str, transfer: Transfer, index: int, data: bytes) -> None:
+        self.writer.submit(functools.partial(transfer.write, index, data), len(data),
+                           functools.partial(self._written, job_id))
+
+    def _written(self, job_id: str, new: bool, error: BaseException | None) -> None:
         """On the loop, once the writer thread is done with a chunk."""
-        self._reap()
-        try:
-            new = fut.result()
-        except ChunkRejected as exc:
+        if isinstance(error, ChunkRejected):
             self.rejected_chunks += 1
-            self._chunk_problem(job_id, str(exc))
+            self._chunk_problem(job_id, str(error))
             return
-        except Exception:
-            log.exception("chunk write failed", extra={"kv": {"job": job_id}})
+        if error is not None:
+            log.error("chunk write failed", exc_info=error, extra={"kv": {"job": job_id}})
             return
         if new:
             transfer = self.comp.transfers.get(job_id)
@@ -209,7 +220,7 @@ class Inputs:
     def _flush(self, job_id: str, transfer: Transfer) -> None:
         self._flush_timers.pop(job_id, None)
         if transfer.dirty:
-            self.io.submit(transfer.flush)
+            self.writer.submit(transfer.flush)
 
     def _chunk_problem(self, job_id: str, reason: str) -> None:
         job = self.comp.journal.jobs.get(job_id)
@@ -242,12 +253,6 @@ class Inputs:
             elif isinstance(decision, d.Finish) and job is not None:
                 await comp.book.transition(job, decision.state, decision.reason)
                 await comp.book.cleanup(job)
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[str, Future[bool]], None], job_id: str,
-               fut: Future[bool]) -> None:
-    with contextlib.suppress(RuntimeError):  # the loop closed at exit: nobody waits any more
-        loop.call_soon_threadsafe(fn, job_id, fut)
 
 
 def _refusal_key(event: d.ManifestReceived, existing: Job | None) -> str:
