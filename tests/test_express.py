@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from paho.mqtt.client import topic_matches_sub
 
-from edgeagent.transport.paho_io import READ_BYTES, BufferedSocket
+from edgeagent.core.paho_io import READ_BYTES, BufferedSocket
 from edgeagent.transport.router import SessionRouter, Subscription
 from edgeagent.updates.writer import ChunkWriter
 from tests.broker import Broker

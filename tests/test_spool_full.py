@@ -57,7 +57,10 @@ def test_backlog_drains_after_writes_and_deletes_failed(tmp_path: Path, broker: 
                 await asyncio.to_thread(broker.start)
                 await async_wait_until(lambda: published_samples(transport) >= 10, 15,
                                        message="the spooled samples published")
-                await asyncio.sleep(0.3)  # their PUBACKs came: the deletes were tried and failed
+                session = transport.session
+                assert session is not None
+                await async_wait_until(lambda: session.stats.delete_failures >= 1, 10,
+                                       message="the deletes of the acknowledged rows tried and failed")
                 assert spool.count == 10 and outbox.deferred == 5
                 # space again: everything goes, the backlog gets to 0 while the agent runs on
                 refuse_writes(transport, False)

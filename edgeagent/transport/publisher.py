@@ -106,6 +106,7 @@ def _head(device: str) -> bytes:
 class PublishStats:
     messages: int = 0
     samples: int = 0
+    delete_failures: int = 0  # acknowledged rows the spool could not delete yet (a full disk)
 
 
 class Publisher:
@@ -288,6 +289,7 @@ class Publisher:
                 # a full disk fails deletes too: keep the ids (the rows are still counted in the
                 # backlog) and try again; ending this task would leave them until the next connect
                 failing = True
+                self.stats.delete_failures += 1
                 self._acked = ids + self._acked
                 _once.warning("delete", "cannot delete published rows from the spool; retrying",
                               extra={"kv": {"error": str(exc), "rows": len(self._acked)}})

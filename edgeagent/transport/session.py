@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgeagent.core import paho_io
 from edgeagent.core.backoff import backoff_s
 from edgeagent.core.config import Config, MqttConfig
 from edgeagent.core.errors import EdgeAgentError
 from edgeagent.core.logs import Once
 from edgeagent.core.protocol import Topics, dumps, status_offline
 from edgeagent.core.tasks import wait_event
-from edgeagent.transport import paho_io
 from edgeagent.transport.intake import Intake, IntakeStats, max_packet_bytes, receive_maximum
 from edgeagent.transport.negotiate import ProtocolChoice
 from edgeagent.transport.outbox import SpoolOutbox

@@ -303,7 +303,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     elapsed = time.time() - started
     print(json.dumps({"devices": opts.devices, "samples_published": c.samples_published,
                       "samples_dropped": c.samples_dropped, "events_published": c.events_published,
-                      "messages": c.messages, "elapsed_s": round(elapsed, 3),
+                      "messages": c.messages, "acked": c.acked, "elapsed_s": round(elapsed, 3),
                       "messages_per_s": round(c.messages / elapsed, 1) if elapsed > 0 else None}), flush=True)
     return 0
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from edgeagent.core import paho_io
 from edgeagent.core.backoff import backoff_s
 from edgeagent.core.errors import ProtocolError
 from edgeagent.ops.fleet.connect import BrokerUrl, connect_and_wait, make_client
@@ -167,6 +168,7 @@ class Collector:
         client = make_client(opts.broker, self.client_id, mqtt5=opts.mqtt5, clean_start=not persistent,
                              manual_ack=self.store is not None)
         client.max_inflight_messages_set(1000)
+        paho_io.buffer_reads(client)  # one recv for many small messages, not several per message
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message

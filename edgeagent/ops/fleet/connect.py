@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import select
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -94,8 +96,10 @@ def connect_properties(session_expiry_s: int, receive_maximum: int = 0) -> Prope
 
 def connect_and_wait(client: mqtt.Client, url: BrokerUrl, keepalive_s: int, timeout_s: float = 10.0,
                      clean_start: bool = True, session_expiry_s: int = 0, mqtt5: bool = True,
-                     receive_maximum: int = 0) -> None:
-    """Connect, start paho's network thread, and wait for CONNACK; raise ConnectionError if refused."""
+                     receive_maximum: int = 0, threaded: bool = True) -> None:
+    """Connect, start paho's network thread, and wait for CONNACK; raise ConnectionError if refused.
+    With `threaded=False` no thread is started: the caller runs paho's I/O (loop_read/loop_write/
+    loop_misc) from then on, as the pooled simulator does."""
     done = threading.Event()
     result: list[str] = []
     previous: Any = client.on_connect
@@ -116,8 +120,18 @@ def connect_and_wait(client: mqtt.Client, url: BrokerUrl, keepalive_s: int, time
             client.connect(url.host, url.port, keepalive_s)
     except OSError as exc:
         raise ConnectionError(f"cannot reach broker {url.host}:{url.port}: {exc}") from exc
-    client.loop_start()
-    if not done.wait(timeout_s):
+    if threaded:
+        client.loop_start()
+    else:
+        deadline = time.monotonic() + timeout_s
+        while not done.is_set() and time.monotonic() < deadline:
+            sock = client.socket()
+            if sock is None:
+                break
+            select.select([sock], [sock] if client.want_write() else [], [], 0.05)
+            client.loop_write()
+            client.loop_read()
+    if not done.wait(timeout_s if threaded else 0.0):
         client.loop_stop()
         raise ConnectionError(f"no CONNACK from {url.host}:{url.port} within {timeout_s}s")
     client.on_connect = previous

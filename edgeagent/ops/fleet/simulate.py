@@ -12,10 +12,12 @@ last `stuck_updates` of those stall in "downloading").
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
+import select
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edgeagent.core import protocol
+from edgeagent.core import paho_io, protocol
 from edgeagent.core.protocol import Topics
 from edgeagent.ops.fleet.connect import BrokerUrl, connect_and_wait, make_client
 
@@ -88,6 +90,7 @@ class SimCounters:
     samples_dropped: int = 0
     events_published: int = 0
     messages: int = 0
+    acked: int = 0  # messages the broker acknowledged (QoS 1) before the simulator disconnected
 
 
 @dataclass(slots=True)
@@ -206,6 +209,49 @@ class Simulator:
             for i in range(opts.devices)]
         self.clients: list[mqtt.Client] = []
         self._last: dict[int, mqtt.MQTTMessageInfo] = {}
+        self._acked: dict[int, int] = {}  # per client: each counted by the thread that reads it
+        self._pumped = False  # pooled: paho's I/O runs on this thread (`_pump`), no network threads
+        self._next_misc = 0.0
+
+    def _count_acks(self, client: mqtt.Client) -> None:
+        key = id(client)
+        self._acked[key] = 0
+
+        def on_publish(*_args: object) -> None:
+            self._acked[key] += 1
+
+        client.on_publish = on_publish
+
+    def _pump(self, timeout_s: float) -> None:
+        """Pooled mode: read the PUBACKs that came, write what the sockets did not take, keep the
+        connections alive (reconnect a dropped one), waiting up to `timeout_s` for something."""
+        socks = {}
+        for c in self.clients:
+            sock = c.socket()
+            if sock is None:
+                if time.monotonic() >= self._next_misc:
+                    with contextlib.suppress(OSError):
+                        c.reconnect()
+                continue
+            socks[sock] = c
+        if not socks:
+            time.sleep(min(timeout_s, 0.1))
+            return
+        ready = [s for s in socks if getattr(s, "pending", lambda: 0)() > 0]
+        writers = [s for s, c in socks.items() if c.want_write()]
+        try:
+            readable, writable, _ = select.select(list(socks), writers, [], 0.0 if ready else timeout_s)
+        except (OSError, ValueError):
+            readable, writable = [], []
+        for sock in set(ready) | set(readable):
+            socks[sock].loop_read()
+        for sock in writable:
+            socks[sock].loop_write()
+        now = time.monotonic()
+        if now >= self._next_misc:
+            self._next_misc = now + 1.0
+            for c in socks.values():
+                c.loop_misc()  # keepalive pings, and the check that the broker answers them
 
     def _client_for(self, dev: VirtualDevice) -> mqtt.Client:
         return self.clients[dev.index % len(self.clients)]
@@ -218,15 +264,22 @@ class Simulator:
                 c.will_set(dev.topics.status, protocol.dumps(protocol.status_offline("connection-lost")),
                            qos=1, retain=True)
                 c.max_inflight_messages_set(100)
+                self._count_acks(c)
                 connect_and_wait(c, o.broker, o.keepalive_s, mqtt5=o.mqtt5)
                 self.clients.append(c)
         else:
             n = o.pool_size or max(1, min(8, math.ceil(o.devices / 200)))
             for i in range(n):
                 c = make_client(o.broker, f"{o.id_prefix}pool-{i}-{os.getpid()}-{id(self):x}", mqtt5=o.mqtt5)
-                c.max_inflight_messages_set(1000)
-                connect_and_wait(c, o.broker, o.keepalive_s, mqtt5=o.mqtt5)
+                # paho scans its in-flight messages on every PUBACK: 100 each, not 1,000
+                c.max_inflight_messages_set(100)
+                paho_io.buffer_reads(c)  # the PUBACKs: one recv for many, not three each
+                self._count_acks(c)
+                # paho's I/O runs on this thread (`_pump`): eight network threads fighting for the
+                # GIL, and a wake-up write for each publish, cost more than the messages themselves
+                connect_and_wait(c, o.broker, o.keepalive_s, mqtt5=o.mqtt5, threaded=False)
                 self.clients.append(c)
+            self._pumped = True
 
     def _publish(self, dev: VirtualDevice, topic: str, payload: bytes, retain: bool = False) -> None:
         client = self._client_for(dev)
@@ -303,7 +356,15 @@ class Simulator:
                 if o.duration_s is not None and due - start >= o.duration_s:
                     break
                 wait = due - time.time()
-                if wait > 0 and self.stop.wait(wait):
+                if self._pumped:
+                    if k % 64 == 0:
+                        self._pump(0.0)  # behind schedule too: take the acknowledgements in
+                    while wait > 0 and not self.stop.is_set():
+                        self._pump(min(wait, 0.05))
+                        wait = due - time.time()
+                    if self.stop.is_set():
+                        break
+                elif wait > 0 and self.stop.wait(wait):
                     break
                 now = time.time()
                 self._step(self.devices[i], now - start, now)
@@ -319,10 +380,15 @@ class Simulator:
             for c in self.clients:
                 c.disconnect()
                 c.loop_stop()
+            self.counters.acked = sum(self._acked.values())
         return self.counters
 
     def _wait_published(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
+        if self._pumped:
+            while time.monotonic() < deadline and not all(i.is_published() for i in self._last.values()):
+                self._pump(0.05)
+            return
         for info in self._last.values():
             left = deadline - time.monotonic()
             if left <= 0:
