@@ -41,17 +41,14 @@ class Subscription:
     queued_bytes: int = 0
     task: asyncio.Task[None] | None = None
     room: asyncio.Event = field(default_factory=asyncio.Event)  # set when the worker took one
-    express: Express | None = None
 
     def __post_init__(self) -> None:
-        self._prefix = _literal_prefix(self.topic_filter)
+        self._prefix, self._parent = _literal_prefix(self.topic_filter)
 
     def matches(self, topic: str) -> bool:
         """Filters "a/b/#" and "a/b/+/#" are a prefix test (the express lane asks for every message)."""
         if self._prefix is not None:
-            return topic.startswith(self._prefix) or (
-                self.topic_filter.endswith("/#") and topic == self._prefix[:-1]
-                and not self.topic_filter.endswith("/+/#"))
+            return topic.startswith(self._prefix) or topic == self._parent
         try:
             return topic_matches_sub(self.topic_filter, topic)
         except (ValueError, TypeError):  # paho refuses some hostile topics outright
@@ -67,13 +64,14 @@ class Subscription:
         self.queued_bytes += len(payload)
 
 
-def _literal_prefix(topic_filter: str) -> str | None:
-    """"a/b/" for "a/b/#" or "a/b/+/#" (every topic under it matches); None for other filters."""
+def _literal_prefix(topic_filter: str) -> tuple[str | None, str | None]:
+    """For "a/b/#": ("a/b/", "a/b"), the parent level matching too; for "a/b/+/#": ("a/b/", None);
+    (None, None) for any other filter (paho's matcher decides)."""
     for tail in ("/+/#", "/#"):
         head = topic_filter[: -len(tail)]
         if topic_filter.endswith(tail) and head and "+" not in head and "#" not in head:
-            return head + "/"
-    return None
+            return head + "/", (head if tail == "/#" else None)
+    return None, None
 
 
 class SessionRouter:
@@ -81,7 +79,7 @@ class SessionRouter:
 
     def __init__(self) -> None:
         self.subscriptions: list[Subscription] = []
-        self._express: list[Subscription] = []
+        self._express: list[tuple[Subscription, Express]] = []
         self._connected = asyncio.Event()
         self._new_filter = asyncio.Event()  # the session subscribes new filters while connected
         self._running = False
@@ -89,10 +87,10 @@ class SessionRouter:
 
     # -- Router protocol
     def subscribe(self, topic_filter: str, handler: Handler, express: Express | None = None) -> None:
-        sub = Subscription(topic_filter, handler, express=express)
+        sub = Subscription(topic_filter, handler)
         self.subscriptions.append(sub)
         if express is not None:
-            self._express.append(sub)
+            self._express.append((sub, express))
         if self._running:
             self._start_worker(sub)
         self._new_filter.set()
@@ -127,10 +125,10 @@ class SessionRouter:
         """The express lane, called as the message is read: True if an express taker of a matching
         subscription took it (then it is not queued). A taker that raises is counted and logged,
         and the message goes the queued way."""
-        for sub in self._express:
-            if sub.express is not None and sub.matches(topic):
+        for sub, express in self._express:
+            if sub.matches(topic):
                 try:
-                    if sub.express(topic, payload):
+                    if express(topic, payload):
                         return True
                 except Exception:
                     sub.errors += 1
